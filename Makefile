@@ -1,0 +1,33 @@
+# tlbench — the README's commands. `make demo` sets up .venv and runs the default experiment;
+# `make test` runs the whole test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test smoke bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "tlbench needs Python >= 3.10"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[weights,test]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/tlbench
+
+# pytest exits 5 when it collected no test: that must fail, never pass as success
+test: venv
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+smoke: venv
+	$(PY) -m pytest -q -m smoke
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

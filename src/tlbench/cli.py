@@ -1,0 +1,268 @@
+"""The ``tlbench`` command. The only module that imports Hydra.
+
+    tlbench [overrides]                 train (the default subcommand; -m for sweeps)
+    tlbench eval RUN_DIR [split=test] [dataset.root=...]
+    tlbench plan [overrides] [--json]   the model, its blocks and what trains
+    tlbench list {datasets,models,freeze,optim,sched,trainer,experiment}
+
+User mistakes print one paragraph and exit with code 2 (``--debug`` or
+``HYDRA_FULL_ERROR=1`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .errors import TlbenchError, choices
+
+GROUPS = {"datasets": "dataset", "models": "model", "freeze": "freeze", "optim": "optim",
+          "sched": "sched", "trainer": "trainer", "experiment": "experiment"}
+HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion",
+                    "-sc", "--version", "--resolve", "-p", "--package")
+
+
+def conf_dir() -> Path:
+    """``conf/`` inside the installed wheel, else the source checkout's top-level ``conf/``."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "conf", here.parents[1] / "conf"):
+        if (cand / "config.yaml").is_file():
+            return cand
+    raise TlbenchError(f"tlbench's config folder was not found (looked in {here / 'conf'}); reinstall tlbench")
+
+
+def _debug(argv) -> bool:
+    return "--debug" in argv or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug(argv)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        if argv and argv[0] == "list":
+            return cmd_list(argv[1:])
+        if argv and argv[0] == "eval":
+            return cmd_eval(argv[1:])
+        if argv and argv[0] == "plan":
+            return cmd_plan(argv[1:])
+        if argv and argv[0] == "train":
+            argv = argv[1:]
+        return cmd_train(argv, debug)
+    except TlbenchError as e:
+        if debug:
+            raise
+        print(f"tlbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# ----------------------------------------------------------------------------- composing
+def _hydra_message(e: Exception) -> str:
+    """Hydra/OmegaConf composition errors -> one paragraph naming the bad value and valid ones."""
+    import re
+
+    msg = str(e).strip()
+    missing = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", msg)
+    if missing:
+        group, name = missing.groups()
+        folder = conf_dir() / group
+        valid = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        return f"{group}={name!r} is not a known {group}; choose one of {choices(valid)}"
+    key = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+    if key:
+        return _unknown_key(key.group(1))
+    return " ".join(msg.split())
+
+
+def _unknown_key(dotted: str) -> str:
+    import dataclasses
+
+    from .config import Config
+
+    parts = dotted.split(".")
+    cls, where = Config, ""
+    for p in parts[:-1]:
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        sub = next((f.default_factory for f in dataclasses.fields(cls) if f.name == p
+                    and f.default_factory is not dataclasses.MISSING), None)
+        if sub is None:
+            break
+        cls, where = sub, p
+    names = [f.name for f in dataclasses.fields(cls)]
+    return (f"unknown key {dotted!r}; valid keys{' of ' + repr(where) if where else ''} are: "
+            f"{', '.join(names)}")
+
+
+def compose(overrides: list[str]):
+    """Compose the config (no run dir, no logging) and return the typed Config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import to_config
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            dcfg = hydra_compose(config_name="config", overrides=overrides)
+        data = OmegaConf.to_container(dcfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise TlbenchError(f"bad configuration: {_hydra_message(e)}") from None
+    return to_config(data)
+
+
+def _expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """All jobs of a ``-m`` sweep (basic sweeper syntax), to validate them before any runs."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [job for batch in batches for job in batch]
+
+
+def _validate(argv: list[str]) -> None:
+    overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
+    multirun = "-m" in argv or "--multirun" in argv
+    if not multirun:
+        compose(overrides)
+        return
+    try:
+        jobs = _expand_sweep(overrides)
+    except Exception:  # a sweeper plugin's own syntax (e.g. optuna intervals): it validates itself
+        return
+    for job in jobs:
+        compose(list(job))
+
+
+def _resume_overrides(argv: list[str]) -> list[str]:
+    """``trainer.resume=RUN_DIR``: rerun in that dir with its original overrides."""
+    res = [a for a in argv if a.startswith("trainer.resume=")]
+    if not res:
+        return argv
+    target = res[-1].split("=", 1)[1]
+    if target in ("auto", "null", ""):
+        return argv
+    run_dir = Path(target).expanduser().resolve()
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise TlbenchError(f"trainer.resume={target}: {run_dir} is not a tlbench run directory (no .hydra/overrides.yaml)")
+    import yaml
+
+    original = [o for o in yaml.safe_load(saved.read_text()) or []
+                if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
+    rest = [a for a in argv if a not in res]
+    return original + rest + [f"trainer.resume={run_dir}", f"hydra.run.dir={run_dir}"]
+
+
+# ----------------------------------------------------------------------------- train
+def cmd_train(argv: list[str], debug: bool) -> int:
+    argv = _resume_overrides(argv)
+    if not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
+        _validate(argv)
+    import hydra
+
+    task = _make_task(debug)
+    entry = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(task)
+    old = sys.argv
+    sys.argv = [old[0] if old else "tlbench", *argv]
+    try:
+        entry()
+    finally:
+        sys.argv = old
+    return 0
+
+
+def _make_task(debug: bool):
+    def task(dcfg) -> Optional[float]:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from .config import to_config
+        from .run import train
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            cfg = to_config(OmegaConf.to_container(dcfg, resolve=True))
+            results = train(cfg, run_dir)
+        except TlbenchError as e:
+            if debug:
+                raise
+            print(f"tlbench: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except _interrupt_types() as e:
+            print(f"tlbench: {e}; resume with: tlbench trainer.resume={run_dir}", file=sys.stderr)
+            sys.exit(128 + e.signum)
+        _print_summary(run_dir, results)
+        first = next(iter(results["val"].values()))
+        return float(first["accuracy"])  # the objective for sweepers (validation, never test)
+
+    return task
+
+
+def _interrupt_types():
+    from .engine import Interrupted
+
+    return Interrupted
+
+
+def _print_summary(run_dir: Path, results: dict) -> None:
+    tests = ", ".join(f"{t} {m['accuracy']:.4f}" for t, m in results["test"].items())
+    print(f"test accuracy: {tests} (best epoch {results['best_epoch']}, "
+          f"{results['params']['trainable']:,} of {results['params']['total']:,} parameters trained)")
+    print(f"run directory: {run_dir}")
+    print(f"inspect with:  tensorboard --logdir {run_dir / 'tb'}")
+
+
+# ----------------------------------------------------------------------------- list / eval / plan
+def cmd_list(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in GROUPS:
+        raise TlbenchError(f"usage: tlbench list WHAT, where WHAT is one of {choices(GROUPS)}")
+    folder = conf_dir() / GROUPS[argv[0]]
+    for path in sorted(folder.glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        doc = first.lstrip("# ").strip() if first.startswith("#") and "@package" not in first else ""
+        print(f"{path.stem:24s} {doc}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from .run import evaluate_run
+
+    if not argv or "=" in argv[0]:
+        raise TlbenchError("usage: tlbench eval RUN_DIR [split=test|val|train] [name=NAME] [dataset.KEY=VALUE ...]")
+    run_dir, rest = Path(argv[0]), argv[1:]
+    opts = dict(a.split("=", 1) for a in rest if not a.startswith("dataset.") and "=" in a)
+    bad = sorted(set(opts) - {"split", "name"})
+    if bad:
+        raise TlbenchError(f"tlbench eval: unknown option {bad[0]!r}; valid: split=, name=, dataset.<key>=")
+    import yaml
+
+    updates = {a.split("=", 1)[0][len("dataset."):]: yaml.safe_load(a.split("=", 1)[1])
+               for a in rest if a.startswith("dataset.")}
+    out = evaluate_run(run_dir, opts.get("split", "test"), updates, opts.get("name"))
+    print(f"evaluation written to {out}")
+    return 0
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from .run import plan_text
+
+    as_json = "--json" in argv
+    cfg = compose([a for a in argv if a != "--json"])
+    print(plan_text(cfg, as_json))
+    return 0
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main_exit()

@@ -1,0 +1,282 @@
+"""Typed, frozen configuration.
+
+``cli.py`` composes the Hydra config and hands the plain dict to :func:`to_config`;
+nothing below the CLI ever sees an OmegaConf object. Unknown keys, wrong types and
+out-of-range values raise :class:`~tlbench.errors.TlbenchError` naming the key, the
+bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import TlbenchError, choices
+
+DATASETS = ("sklearn_digits", "cifar10", "emnist", "handwritten_digits", "chest_xray", "image_folder")
+AUGMENTS = ("none", "flip", "flip_crop", "randaugment")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "step", "cosine", "plateau")
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+MONITORS = ("val/loss", "val/accuracy")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = "sklearn_digits"
+    root: Optional[str] = None  # folder holding the dataset in its official layout
+    download: bool = False  # fetch with the official downloader when root lacks the files
+    task: Optional[str] = None  # which task(s) to train; None = the dataset's default
+    split: Optional[str] = None  # dataset variant, e.g. EMNIST balanced|byclass|...
+    classes: Optional[tuple[str, ...]] = None  # subset of class names (folder datasets)
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    official_test: bool = True  # use the format's own test split where it has one
+    stratify: bool = True
+    split_seed: int = 0  # splits depend on this only, never on the training seed
+    limit_per_class: Optional[int] = None
+    batch_size: Optional[int] = None  # overrides trainer.batch_size when set
+    num_workers: Optional[int] = None  # None = auto (0 on CPU, a few on CUDA)
+    pin_memory: Optional[bool] = None
+    augment: str = "none"
+    class_weights: str = "none"  # none|balanced
+    on_bad_image: str = "error"  # error|skip
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
+    activation: str = "relu"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn"
+    arch: Optional[str] = None  # torchvision/timm architecture name
+    pretrained: bool = False
+    weights: Optional[str] = None  # local .pth/.safetensors file
+    init_from: Optional[str] = None  # a previous tlbench run dir
+    truncate: Optional[str] = None  # keep the backbone up to this block
+    image_size: Optional[int] = None  # input size; None = the model's own
+    in_chans: int = 3  # channels the model is fed; grayscale is expanded, never a random conv
+    channels: tuple[int, ...] = (32, 64)  # scratch cnn: conv widths per stage
+    convs_per_stage: int = 1
+    batch_norm: bool = True
+    hidden: tuple[int, ...] = (256, 128)  # scratch mlp hidden sizes
+    dropout: float = 0.0  # scratch models
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    name: str = "full"
+    train: tuple[str, ...] = ()  # pattern policy: globs of trainable names
+    trainable_layers: tuple[int, ...] = ()  # index policy
+    n: int = 0  # first_n policy
+    head: bool = True  # the new head(s) train
+    bn: str = "eval"  # eval|train: frozen BatchNorm mode
+    gradual: int = 0  # unfreeze one more block every K epochs (0 = off)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    head_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    name: str = "none"
+    step_size: int = 10  # step
+    gamma: float = 0.1  # step
+    warmup_epochs: int = 0  # cosine
+    min_lr: float = 0.0  # cosine
+    factor: float = 0.5  # plateau
+    patience: int = 2  # plateau
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_epochs: int = 10
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "32"
+    grad_clip: Optional[float] = None
+    monitor: str = "val/loss"
+    patience: Optional[int] = None  # early stopping; None = off
+    limit_train_batches: Optional[int] = None
+    limit_eval_batches: Optional[int] = None
+    progress: bool = True
+    resume: Optional[str] = None  # RUN_DIR or "auto"
+    deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    experiment: Optional[str] = None  # name of the preset, informational
+
+    @property
+    def batch_size(self) -> int:
+        return self.dataset.batch_size or self.trainer.batch_size
+
+
+# ----------------------------------------------------------------------------- parsing
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            if args and args[-1] is Ellipsis:
+                value = [value]  # a single value where a list is expected
+            else:
+                raise TlbenchError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
+        if args and args[-1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise TlbenchError(f"{key}={list(value)!r} must have {len(args)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TlbenchError(f"{key} must be a group of settings, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is Any:
+        return value
+    raise TlbenchError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def _from_dict(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"'{prefix}'" if prefix else "the top level"
+        raise TlbenchError(
+            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
+            f"valid keys are: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def _check_choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise TlbenchError(f"{key}={value!r} is not valid; choose one of {choices(valid)}")
+
+
+def _check_range(key: str, value, lo=None, hi=None, lo_open=False) -> None:
+    if value is None:
+        return
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        bound = f"> {lo}" if lo_open else f">= {lo}"
+        raise TlbenchError(f"{key}={value!r} is out of range; it must be {bound}")
+    if hi is not None and value > hi:
+        raise TlbenchError(f"{key}={value!r} is out of range; it must be <= {hi}")
+
+
+def validate(cfg: Config) -> Config:
+    d, t, o, s = cfg.dataset, cfg.trainer, cfg.optim, cfg.sched
+    _check_choice("dataset.name", d.name, DATASETS)
+    _check_choice("dataset.augment", d.augment, AUGMENTS)
+    _check_choice("dataset.class_weights", d.class_weights, ("none", "balanced"))
+    _check_choice("dataset.on_bad_image", d.on_bad_image, ("error", "skip"))
+    _check_range("dataset.val_fraction", d.val_fraction, 0.0, 1.0)
+    _check_range("dataset.test_fraction", d.test_fraction, 0.0, 1.0)
+    if d.val_fraction + d.test_fraction >= 1.0:
+        raise TlbenchError(
+            f"dataset.val_fraction + dataset.test_fraction = {d.val_fraction + d.test_fraction:g} "
+            "leaves no training data; the two must add up to less than 1 (e.g. 0.15 and 0.15)"
+        )
+    _check_range("dataset.limit_per_class", d.limit_per_class, 1)
+    _check_range("dataset.batch_size", d.batch_size, 1)
+    _check_range("dataset.num_workers", d.num_workers, 0)
+    _check_choice("optim.name", o.name, OPTIMIZERS)
+    _check_range("optim.lr", o.lr, 0.0, lo_open=True)
+    _check_range("optim.head_lr", o.head_lr, 0.0, lo_open=True)
+    _check_range("optim.weight_decay", o.weight_decay, 0.0)
+    _check_range("optim.momentum", o.momentum, 0.0, 1.0)
+    _check_range("optim.layer_decay", o.layer_decay, 0.0, 1.0, lo_open=True)
+    _check_choice("sched.name", s.name, SCHEDULERS)
+    _check_range("sched.step_size", s.step_size, 1)
+    _check_range("sched.warmup_epochs", s.warmup_epochs, 0)
+    _check_choice("trainer.precision", t.precision, PRECISIONS)
+    _check_choice("trainer.monitor", t.monitor, MONITORS)
+    _check_range("trainer.max_epochs", t.max_epochs, 1)
+    _check_range("trainer.batch_size", t.batch_size, 1)
+    _check_range("trainer.patience", t.patience, 1)
+    _check_range("trainer.grad_clip", t.grad_clip, 0.0, lo_open=True)
+    _check_range("trainer.limit_train_batches", t.limit_train_batches, 1)
+    _check_range("trainer.limit_eval_batches", t.limit_eval_batches, 1)
+    dev = t.device
+    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise TlbenchError(f"trainer.device={dev!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
+    _check_choice("freeze.bn", cfg.freeze.bn, ("eval", "train"))
+    _check_range("freeze.gradual", cfg.freeze.gradual, 0)
+    _check_range("head.dropout", cfg.head.dropout, 0.0, 1.0)
+    _check_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
+    _check_range("model.image_size", cfg.model.image_size, 8)
+    _check_choice("model.in_chans", cfg.model.in_chans, (1, 3))
+    return cfg
+
+
+def to_config(data: dict) -> Config:
+    """Build the frozen :class:`Config` from a plain (resolved) dict and validate it."""
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    return validate(_from_dict(Config, data, ""))
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(cfg: Config) -> str:
+    """Stable hash of everything that changes a run's result (not resume/progress)."""
+    d = to_dict(cfg)
+    d["trainer"].pop("resume", None)
+    d["trainer"].pop("progress", None)
+    blob = json.dumps(d, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,159 @@
+"""``build_data``: a dataset name + the model's input spec -> a :class:`DataBundle`.
+
+Each dataset family has its own loader module returning a :class:`Source` read from the
+official on-disk format; this module selects the task(s), splits, applies transforms and
+(when the result fits in memory and the transform is deterministic) precomputes tensors
+once so epochs do not decode images again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..config import DatasetConfig
+from ..errors import TlbenchError, choices
+from ..models.base import InputSpec
+from .base import DataBundle, Source
+from .splits import limit_per_class, make_splits
+from .transforms import build_transforms
+
+log = logging.getLogger(__name__)
+
+# dataset name -> "module:function" (imported lazily so one family's deps never block another)
+LOADERS = {
+    "sklearn_digits": "sklearn_digits:load",
+    "cifar10": "cifar10:load",
+    "emnist": "emnist:load",
+    "handwritten_digits": "folders:load_handwritten_digits",
+    "chest_xray": "folders:load_chest_xray",
+    "image_folder": "folders:load_image_folder",
+}
+MATERIALIZE_BYTES = 1 << 30  # precompute a split's tensors when they take less than this
+
+
+def load_source(cfg: DatasetConfig) -> Source:
+    if cfg.name not in LOADERS:
+        raise TlbenchError(f"dataset={cfg.name!r} is unknown; choose one of {choices(LOADERS)}")
+    module, fn = LOADERS[cfg.name].split(":")
+    loader: Callable[[DatasetConfig], Source] = getattr(importlib.import_module(f".{module}", __name__), fn)
+    return loader(cfg)
+
+
+def select_tasks(source: Source, task: str | None) -> list[str]:
+    """``dataset.task`` -> the list of tasks to train (``multitask`` = all of them)."""
+    valid = list(source.tasks) + (["multitask"] if len(source.tasks) > 1 else [])
+    task = task or source.default_task or next(iter(source.tasks))
+    if task == "multitask" and len(source.tasks) > 1:
+        return list(source.tasks)
+    if task not in source.tasks:
+        raise TlbenchError(f"dataset.task={task!r} is not a task of this dataset; choose one of {choices(valid)}")
+    return [task]
+
+
+class SplitDataset(Dataset):
+    """Items ``indices`` of a source -> ``(image_tensor, {task: label})``."""
+
+    def __init__(self, source: Source, indices, tasks: list[str], transform):
+        self.source, self.indices, self.tasks, self.transform = source, list(indices), tasks, transform
+        self.labels = {t: torch.as_tensor(source.labels[t][self.indices], dtype=torch.long) for t in tasks}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        x = self.transform(self.source.image(self.indices[i]))
+        return x, {t: self.labels[t][i] for t in self.tasks}
+
+
+class TensorSplit(Dataset):
+    """A split whose transformed images are precomputed as one tensor."""
+
+    def __init__(self, x: torch.Tensor, labels: dict[str, torch.Tensor], indices):
+        self.x, self.labels, self.indices = x, labels, list(indices)
+        self.tasks = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], {t: y[i] for t, y in self.labels.items()}
+
+    def to(self, device) -> "TensorSplit":
+        return TensorSplit(self.x.to(device), {t: y.to(device) for t, y in self.labels.items()}, self.indices)
+
+
+def materialize(ds: SplitDataset) -> Dataset:
+    """Precompute all items of a deterministic split if they fit in memory."""
+    if len(ds) == 0:
+        return ds
+    x0 = ds[0][0]
+    if x0.numel() * 4 * len(ds) > MATERIALIZE_BYTES:
+        return ds
+    x = torch.stack([x0] + [ds[i][0] for i in range(1, len(ds))])
+    return TensorSplit(x, ds.labels, ds.indices)
+
+
+def _stratify_labels(source: Source, tasks: list[str]) -> np.ndarray:
+    """One label per item combining all selected tasks (so multitask splits stay balanced)."""
+    combined = np.zeros(len(source), dtype=np.int64)
+    for t in tasks:
+        combined = combined * len(source.tasks[t]) + np.asarray(source.labels[t], dtype=np.int64)
+    return combined
+
+
+def _class_counts(source: Source, splits, tasks) -> dict:
+    out = {}
+    for name, idx in splits.items():
+        out[name] = {}
+        for t in tasks:
+            counts = Counter(np.asarray(source.labels[t])[idx].tolist())
+            out[name][t] = {source.tasks[t][c]: int(counts.get(c, 0)) for c in range(len(source.tasks[t]))}
+    return out
+
+
+def _native_size(source: Source) -> int:
+    if isinstance(source.images, np.ndarray):
+        return int(source.images.shape[1])
+    return int(max(source.image(0).size))
+
+
+def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
+    """Load, select tasks, split, transform. Pure: no training state involved."""
+    source = load_source(cfg)
+    tasks = select_tasks(source, cfg.task)
+    strat = _stratify_labels(source, tasks)
+    pool = None
+    if cfg.limit_per_class:
+        pool = limit_per_class(strat, np.arange(len(source)), cfg.limit_per_class, cfg.split_seed)
+    official = source.official_test if cfg.official_test else None
+    splits = make_splits(
+        len(source), strat, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+        official_test=official, seed=cfg.split_seed, stratify=cfg.stratify, pool=pool,
+    )
+    train_tf, eval_tf = build_transforms(spec, cfg.augment, _native_size(source))
+    datasets = {}
+    for name, idx in splits.items():
+        tf = train_tf if name == "train" else eval_tf
+        ds = SplitDataset(source, idx, tasks, tf)
+        datasets[name] = materialize(ds) if (name != "train" or cfg.augment == "none") else ds
+    counts = _class_counts(source, splits, tasks)
+    for name in splits:
+        log.info("%s split: %d items %s", name, len(splits[name]), {t: counts[name][t] for t in tasks})
+    weights = None
+    if cfg.class_weights == "balanced":
+        weights = {}
+        for t in tasks:
+            c = np.array(list(counts["train"][t].values()), dtype=np.float64)
+            weights[t] = (c.sum() / (len(c) * np.maximum(c, 1))).tolist()
+    return DataBundle(
+        train=datasets["train"], val=datasets["val"], test=datasets["test"],
+        tasks={t: list(source.tasks[t]) for t in tasks}, splits=splits, source=source,
+        fingerprint=source.fingerprint(splits), class_counts=counts, class_weights=weights,
+    )

@@ -1,0 +1,89 @@
+"""What every dataset loader returns, and what the loop consumes.
+
+A loader reads a dataset in its official on-disk format and returns a :class:`Source`:
+all items with their labels per task, before any split. ``build_data`` (data/__init__.py)
+then selects tasks, splits, applies transforms and returns a :class:`DataBundle`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class Source:
+    """A dataset as found on disk, before splitting.
+
+    ``images`` is either a uint8 array (N,H,W) / (N,H,W,C) held in memory, or a list
+    of absolute file paths. ``labels[task]`` holds one int label per item for every task
+    the dataset can provide; ``tasks[task]`` the class names in label order.
+    """
+
+    tasks: dict[str, list[str]]
+    labels: dict[str, np.ndarray]
+    images: "np.ndarray | list[str]"
+    root: Optional[str] = None
+    relpaths: Optional[list[str]] = None  # file datasets: path relative to root, per item
+    official_test: Optional[np.ndarray] = None  # indices of the format's own test split
+    default_task: Optional[str] = None  # task used when dataset.task is not set
+    skipped: list[str] = field(default_factory=list)  # bad files skipped (on_bad_image=skip)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, i: int) -> Image.Image:
+        img = self.images[i]
+        if isinstance(img, str):
+            with Image.open(img) as im:
+                im.load()
+                return _flatten_alpha(im)
+        return Image.fromarray(np.asarray(img))
+
+    def fingerprint(self, splits: dict[str, Sequence[int]]) -> str:
+        """Hash of the item identities, their labels and the split indices."""
+        h = hashlib.sha256()
+        if self.relpaths is not None:
+            for p in self.relpaths:
+                h.update(p.encode() + b"\0")
+        else:
+            h.update(np.ascontiguousarray(self.images).tobytes())
+        for task in sorted(self.labels):
+            h.update(task.encode())
+            h.update(np.asarray(self.labels[task], dtype=np.int64).tobytes())
+        for name in sorted(splits):
+            h.update(name.encode())
+            h.update(np.asarray(splits[name], dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+
+def _flatten_alpha(im: Image.Image) -> Image.Image:
+    """RGBA/LA/P-with-transparency onto a white background; everything else unchanged."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA"):
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        bg.alpha_composite(im.convert("RGBA"))
+        return bg.convert("RGB")
+    if im.mode not in ("L", "RGB"):
+        return im.convert("RGB")
+    return im
+
+
+@dataclass
+class DataBundle:
+    """train/val/test datasets yielding ``(image_tensor, {task: label})``, plus metadata."""
+
+    train: object
+    val: object
+    test: object
+    tasks: dict[str, list[str]]  # selected task -> class names
+    splits: dict[str, list[int]]  # split -> indices into the source
+    source: Source
+    fingerprint: str
+    class_counts: dict[str, dict[str, dict[str, int]]]  # split -> task -> class -> count
+    class_weights: Optional[dict[str, list[float]]] = None

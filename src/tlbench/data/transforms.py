@@ -1,0 +1,47 @@
+"""Transforms chosen from the model's :class:`InputSpec` and the augmentation preset.
+
+Eval transforms are never random. Grayscale images are expanded to 3 channels when the
+model wants RGB (and RGB reduced to 1 channel for a 1-channel model).
+"""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+from ..models.base import InputSpec
+
+
+def _size(spec: InputSpec, native: int) -> int:
+    return spec.size if spec.resize and spec.size else native
+
+
+def build_transforms(spec: InputSpec, augment: str, native_size: int) -> tuple[T.Compose, T.Compose]:
+    """Return ``(train_transform, eval_transform)`` mapping a PIL image to a tensor."""
+    size = _size(spec, native_size)
+    base = []
+    if spec.resize and spec.size:
+        base.append(T.Resize((size, size)))
+    tail = [T.ToTensor(), T.Normalize(list(spec.mean[: spec.channels]), list(spec.std[: spec.channels]))]
+    aug = []
+    if augment in ("flip", "flip_crop"):
+        aug.append(T.RandomHorizontalFlip())
+    if augment == "flip_crop":
+        aug.append(T.RandomCrop(size, padding=max(1, size // 8)))
+    if augment == "randaugment":
+        aug.append(T.RandAugment())
+    eval_tf = T.Compose([_ChannelFix(spec.channels), *base, *tail])
+    train_tf = T.Compose([_ChannelFix(spec.channels), *base, *aug, *tail])
+    return train_tf, eval_tf
+
+
+class _ChannelFix:
+    """PIL image -> the mode with the channels the model wants (L -> RGB, RGB -> L)."""
+
+    def __init__(self, channels: int):
+        self.mode = "RGB" if channels == 3 else "L"
+
+    def __call__(self, img):
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ChannelFix({self.mode})"

@@ -1,0 +1,315 @@
+"""The one loop. ``run_epoch`` serves train, val and test alike; ``fit`` adds epochs,
+early stopping on validation, checkpoints and logging.
+
+Models return ``{task: logits}``; the loss is the sum over tasks of cross-entropy on
+logits (never on probabilities). A distilled backbone returns stacked (cls, dist) logits
+while training; both heads learn the same label and their losses are averaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Raised inside the loop after SIGINT/SIGTERM; ``last.pt`` holds the last full epoch."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` = cuda, else mps, else cpu."""
+    from .errors import TlbenchError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TlbenchError(f"trainer.device={name!r} but CUDA is not available here; use trainer.device=auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TlbenchError("trainer.device='mps' but MPS is not available here; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    if precision == "32":
+        return None
+    if device.type != "cuda":
+        log.warning("trainer.precision=%s needs CUDA; running in 32-bit on %s", precision, device)
+        return None
+    return torch.float16 if precision == "16-mixed" else torch.bfloat16
+
+
+def task_loss(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    if logits.dim() == 3:  # distilled pair (cls, dist): both heads learn the label
+        return sum(F.cross_entropy(l, target, weight=weight) for l in logits) / logits.shape[0]
+    return F.cross_entropy(logits, target, weight=weight)
+
+
+def eval_logits(logits: torch.Tensor) -> torch.Tensor:
+    return logits.mean(0) if logits.dim() == 3 else logits
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    task_loss: dict[str, float]
+    accuracy: dict[str, float]
+    n: int
+    seconds: float
+    collected: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # task -> targets/preds/probs
+
+
+@dataclass
+class LoopOptions:
+    device: torch.device
+    dtype: Optional[torch.dtype] = None
+    grad_clip: Optional[float] = None
+    progress: bool = False
+    class_weights: Optional[dict[str, torch.Tensor]] = None
+    stop_flag: Optional[Callable[[], Optional[int]]] = None  # returns a signal number to stop
+
+
+def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=None,
+              limit: Optional[int] = None, desc: str = "", collect: bool = False) -> EpochResult:
+    """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates."""
+    train = optimizer is not None
+    start = time.perf_counter()
+    totals = {"loss": 0.0, "n": 0}
+    t_loss = {t: 0.0 for t in tasks}
+    correct = {t: 0 for t in tasks}
+    store: dict[str, dict[str, list]] = {t: {"targets": [], "preds": [], "probs": []} for t in tasks}
+    total = min(len(loader), limit) if limit else len(loader)
+    bar = tqdm(loader, total=total, desc=desc, leave=False, disable=not opts.progress)
+    grad = torch.enable_grad() if train else torch.inference_mode()
+    with grad, contextlib.closing(bar):
+        for i, (x, y) in enumerate(bar):
+            if limit is not None and i >= limit:
+                break
+            if opts.stop_flag and (sig := opts.stop_flag()):
+                raise Interrupted(sig)
+            x = x.to(opts.device, non_blocking=True)
+            y = {t: v.to(opts.device, non_blocking=True) for t, v in y.items()}
+            autocast = (torch.autocast(opts.device.type, dtype=opts.dtype) if opts.dtype
+                        else contextlib.nullcontext())
+            with autocast:
+                out = model(x)
+                losses = {t: task_loss(out[t].float(), y[t], _w(opts, t)) for t in tasks}
+                loss = sum(losses.values())
+            if train:
+                _step(loss, model, optimizer, scaler, opts.grad_clip)
+            bs = x.shape[0]
+            totals["loss"] += float(loss.detach()) * bs
+            totals["n"] += bs
+            for t in tasks:
+                logits = eval_logits(out[t].detach().float())
+                pred = logits.argmax(1)
+                t_loss[t] += float(losses[t].detach()) * bs
+                correct[t] += int((pred == y[t]).sum())
+                if collect:
+                    store[t]["targets"].append(y[t].cpu())
+                    store[t]["preds"].append(pred.cpu())
+                    store[t]["probs"].append(logits.softmax(1).cpu())
+            bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.4f}")
+    n = max(totals["n"], 1)
+    collected = {t: {k: torch.cat(v).numpy() for k, v in s.items()} for t, s in store.items()} if collect else {}
+    return EpochResult(
+        loss=totals["loss"] / n, task_loss={t: v / n for t, v in t_loss.items()},
+        accuracy={t: c / n for t, c in correct.items()}, n=totals["n"],
+        seconds=time.perf_counter() - start, collected=collected,
+    )
+
+
+def _w(opts: LoopOptions, task: str):
+    return None if not opts.class_weights else opts.class_weights.get(task)
+
+
+def _step(loss, model, optimizer, scaler, grad_clip) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(float(loss.detach())):
+        from .errors import TlbenchError
+
+        raise TlbenchError(
+            f"the training loss became {float(loss)}; lower optim.lr, set trainer.grad_clip, or check the data"
+        )
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+
+
+class SignalGuard:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between batches."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up at once
+            sys.exit(128 + signum)
+        self.signum = signum
+        log.warning("signal %d received: stopping after this batch, last.pt keeps the last full epoch", signum)
+
+    def __call__(self) -> Optional[int]:
+        return self.signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def improved(monitor: str, value: float, best: Optional[float]) -> bool:
+    if best is None:
+        return True
+    return value < best if monitor.endswith("loss") else value > best
+
+
+def monitor_value(monitor: str, val: EpochResult) -> float:
+    if monitor == "val/loss":
+        return val.loss
+    return float(np.mean(list(val.accuracy.values())))
+
+
+def save_path(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / "checkpoints" / name
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training (and goes into a checkpoint)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: Optional[torch.amp.GradScaler]
+    epoch: int = 0  # epochs completed
+    best: Optional[float] = None
+    best_epoch: Optional[int] = None
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+
+    def checkpoint(self, extra: dict) -> dict:
+        from .checkpoint import rng_state
+
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs, "history": self.history, "rng": rng_state(), **extra,
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        from .checkpoint import set_rng_state
+
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler") is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.best, self.best_epoch = ckpt["epoch"], ckpt["best"], ckpt["best_epoch"]
+        self.bad_epochs, self.history = ckpt["bad_epochs"], list(ckpt["history"])
+        set_rng_state(ckpt["rng"])
+
+
+@dataclass
+class FitHooks:
+    """What ``fit`` calls out to: saving, logging, per-epoch plan changes, test stops."""
+
+    save: Callable[[TrainState, str], None]
+    log_epoch: Callable[[TrainState, dict], None]
+    before_epoch: Optional[Callable[[TrainState, int], None]] = None
+    train_mode: Callable[[torch.nn.Module], None] = lambda m: m.train()  # frozen BN stays in eval
+    stop_after: Optional[int] = None  # tests: behave as if interrupted after this epoch
+
+
+def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, tcfg, hooks: FitHooks) -> TrainState:
+    """Train ``tcfg.max_epochs`` epochs (from ``state.epoch``), validating after each;
+    keep ``best.pt`` on the monitored validation metric; stop early after
+    ``tcfg.patience`` epochs without improvement."""
+    from .optim import group_lrs, step_scheduler
+
+    with SignalGuard() as guard:
+        opts.stop_flag = guard
+        while state.epoch < tcfg.max_epochs:
+            epoch = state.epoch
+            if hooks.before_epoch:
+                hooks.before_epoch(state, epoch)
+            loaders["train"].sampler.set_epoch(epoch)
+            lrs = group_lrs(state.optimizer)
+            hooks.train_mode(state.model)
+            train = run_epoch(state.model, loaders["train"], tasks, opts, state.optimizer, state.scaler,
+                              tcfg.limit_train_batches, desc=f"epoch {epoch + 1} train")
+            state.model.eval()
+            val = run_epoch(state.model, loaders["val"], tasks, opts, limit=tcfg.limit_eval_batches,
+                            desc=f"epoch {epoch + 1} val")
+            step_scheduler(state.scheduler, val.loss)
+            value = monitor_value(tcfg.monitor, val)
+            is_best = improved(tcfg.monitor, value, state.best)
+            if is_best:
+                state.best, state.best_epoch, state.bad_epochs = value, epoch + 1, 0
+            else:
+                state.bad_epochs += 1
+            state.epoch = epoch + 1
+            record = _epoch_record(state.epoch, train, val, lrs)
+            state.history.append(record)
+            hooks.log_epoch(state, record)
+            if is_best:
+                hooks.save(state, "best.pt")
+            hooks.save(state, "last.pt")
+            if hooks.stop_after is not None and state.epoch >= hooks.stop_after:
+                raise Interrupted(signal.SIGTERM)
+            if tcfg.patience and state.bad_epochs >= tcfg.patience:
+                log.info("early stopping: %s did not improve for %d epochs (best epoch %d)",
+                         tcfg.monitor, state.bad_epochs, state.best_epoch)
+                break
+    return state
+
+
+def _epoch_record(epoch: int, train: EpochResult, val: EpochResult, lrs: dict) -> dict:
+    return {
+        "epoch": epoch,
+        "train": {"loss": train.loss, "task_loss": train.task_loss, "accuracy": train.accuracy, "n": train.n},
+        "val": {"loss": val.loss, "task_loss": val.task_loss, "accuracy": val.accuracy, "n": val.n},
+        "lr": lrs, "train_seconds": train.seconds, "val_seconds": val.seconds,
+    }

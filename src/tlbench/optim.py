@@ -1,0 +1,70 @@
+"""Optimizers and schedulers from parameter groups (the FreezePlan's groups).
+
+Every group keeps its own ``lr`` (``initial_lr`` for schedulers) and ``name``, so
+per-group learning rates (head vs backbone, layer-wise decay) work with any scheduler.
+Schedulers step once per epoch; ``plateau`` steps on the validation loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import OptimConfig, SchedConfig
+from .errors import TlbenchError
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = [dict(g) for g in groups if g["params"]]
+    if not groups:
+        raise TlbenchError(
+            "no parameter trains under this freeze policy; choose a policy that leaves something "
+            "trainable (e.g. freeze=linear_probe trains the head) or set freeze.head=true"
+        )
+    for g in groups:
+        g.setdefault("lr", cfg.lr)
+        g.setdefault("weight_decay", cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.nesterov:
+        raise TlbenchError(f"optim.nesterov=true only applies to optim=sgd, not {cfg.name!r}")
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, max_epochs: int):
+    """Return a scheduler (stepped per epoch) or ``None``."""
+    if cfg.name == "none":
+        return None
+    if cfg.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.factor, patience=cfg.patience)
+    # cosine with linear warmup, as a multiplier of each group's own lr
+    base = [g["lr"] for g in optimizer.param_groups]
+    floor = [cfg.min_lr / b if b > 0 else 0.0 for b in base]
+    warm, total = cfg.warmup_epochs, max(1, max_epochs)
+
+    def factor(epoch: int, k: int) -> float:
+        if epoch < warm:
+            return (epoch + 1) / (warm + 1)
+        t = (epoch - warm) / max(1, total - warm)
+        return floor[k] + (1 - floor[k]) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    lambdas = [lambda e, k=k: factor(e, k) for k in range(len(base))]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def step_scheduler(scheduler, val_loss: float) -> None:
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {g.get("name", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)}

@@ -1,0 +1,354 @@
+"""Wiring: Config -> data, model, freeze plan, optimizer -> ``fit`` -> one test pass -> run dir.
+
+``train(cfg, run_dir)`` is what the CLI calls (and what tests and notebooks can call
+without Hydra). The test split is evaluated exactly once, on the best-validation
+checkpoint, after training.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import load as load_checkpoint
+from .checkpoint import save_atomic
+from .config import Config, config_hash, to_dict
+from .data import build_data
+from .data.loaders import make_loaders
+from .engine import FitHooks, LoopOptions, TrainState, amp_dtype, fit, run_epoch, select_device
+from .errors import TlbenchError
+from .metrics import compute_metrics
+from .models import build_backbone, build_model
+from .optim import build_optimizer, build_scheduler
+from .tracking import Tracker, ensure_log_file, save_confusion, write_json, write_predictions, write_report
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def versions() -> dict:
+    import torchvision
+
+    try:
+        import timm
+
+        timm_v = timm.__version__
+    except ImportError:  # pragma: no cover - timm is a dependency
+        timm_v = None
+    return {"tlbench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm_v}
+
+
+def build_everything(cfg: Config):
+    """Data, model and freeze plan from the config (no training state)."""
+    from .freeze import apply_freeze
+
+    backbone = build_backbone(cfg.model)
+    bundle = build_data(cfg.dataset, backbone.input_spec)
+    sample = torch.stack([bundle.train[i][0] for i in range(min(2, len(bundle.train)))])
+    model = build_model(backbone, {t: len(n) for t, n in bundle.tasks.items()}, cfg.head, sample)
+    plan = apply_freeze(model, cfg.freeze, cfg.optim)
+    return bundle, model, plan
+
+
+def _progress(cfg: Config) -> bool:
+    import sys
+
+    return cfg.trainer.progress and sys.stderr.isatty()
+
+
+def _new_state(cfg: Config, model, plan, device) -> TrainState:
+    optimizer = build_optimizer(plan.groups, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.max_epochs)
+    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and cfg.trainer.precision == "16-mixed") else None
+    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+
+def _hooks(cfg: Config, run_dir: Path, plan_box: list, tracker: Tracker, stop_after, tasks) -> FitHooks:
+    from .freeze import set_bn_eval
+
+    extra = {"config": to_dict(cfg), "config_hash": config_hash(cfg), "tasks": tasks}
+
+    def save(state: TrainState, name: str) -> None:
+        save_atomic(state.checkpoint(extra), run_dir / "checkpoints" / name)
+
+    def log_epoch(state: TrainState, rec: dict) -> None:
+        scalars = {"loss/train": rec["train"]["loss"], "loss/val": rec["val"]["loss"],
+                   "time/epoch_train_s": rec["train_seconds"], "time/epoch_val_s": rec["val_seconds"]}
+        for split in ("train", "val"):
+            for t, acc in rec[split]["accuracy"].items():
+                scalars[f"accuracy/{split}/{t}"] = acc
+                if len(rec[split]["accuracy"]) > 1:
+                    scalars[f"loss/{split}/{t}"] = rec[split]["task_loss"][t]
+        scalars.update({f"lr/{g}": lr for g, lr in rec["lr"].items()})
+        tracker.scalars(scalars, rec["epoch"])
+        accs = " ".join(f"{t}={a:.4f}" for t, a in rec["val"]["accuracy"].items())
+        log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f val_acc[%s] (%.1fs+%.1fs)%s",
+                 rec["epoch"], cfg.trainer.max_epochs, rec["train"]["loss"], rec["val"]["loss"], accs,
+                 rec["train_seconds"], rec["val_seconds"], " *best*" if state.best_epoch == rec["epoch"] else "")
+
+    def train_mode(model) -> None:
+        model.train()
+        set_bn_eval(model, plan_box[0])
+
+    return FitHooks(save=save, log_epoch=log_epoch, before_epoch=_gradual_hook(cfg, plan_box),
+                    train_mode=train_mode, stop_after=stop_after)
+
+
+def _gradual_hook(cfg: Config, plan_box: list):
+    if not cfg.freeze.gradual:
+        return None
+    from .freeze import gradual_unfreeze
+
+    def before_epoch(state: TrainState, epoch: int) -> None:
+        new = gradual_unfreeze(state.model, cfg.freeze, cfg.optim, epoch)
+        if new is None:
+            return
+        plan_box[0] = new
+        # rebuild the optimizer groups; keep the state of parameters that were training already
+        old = state.optimizer
+        state.optimizer = build_optimizer(new.groups, cfg.optim)
+        for p, s in old.state.items():
+            state.optimizer.state[p] = s
+        state.scheduler = build_scheduler(state.optimizer, cfg.sched, cfg.trainer.max_epochs)
+        if state.scheduler is not None:
+            for _ in range(epoch):
+                state.scheduler.step() if not hasattr(state.scheduler, "best") else None
+        log.info("epoch %d: gradual unfreeze -> %d trainable parameters", epoch + 1, new.trainable_count)
+
+    return before_epoch
+
+
+def _resume(cfg: Config, run_dir: Path, state: TrainState) -> None:
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    if ckpt.get("config_hash") != config_hash(cfg):
+        from .config import to_dict as _d
+
+        old, new = ckpt.get("config", {}), _d(cfg)
+        diff = [f"{g}.{k}" for g in new if isinstance(new[g], dict)
+                for k in new[g] if old.get(g, {}).get(k) != new[g][k] and k not in ("resume", "progress")]
+        raise TlbenchError(
+            f"cannot resume {run_dir}: its checkpoint was made with a different config "
+            f"(differs in: {', '.join(diff) or 'top-level keys'}); resume with the same overrides as the original run"
+        )
+    state.restore(ckpt)
+    log.info("resumed from %s at epoch %d", run_dir / "checkpoints" / "last.pt", state.epoch)
+
+
+def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
+    """Run one experiment into ``run_dir`` and return the results dict."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_log_file(run_dir)
+    if cfg.trainer.resume and (run_dir / "results.json").is_file():
+        log.info("%s already finished (results.json exists); nothing to resume", run_dir)
+        import json
+
+        return json.loads((run_dir / "results.json").read_text())
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    bundle, model, plan = build_everything(cfg)
+    device = select_device(cfg.trainer.device)
+    model.to(device)
+    state = _new_state(cfg, model, plan, device)
+    resuming = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").is_file()
+    if cfg.trainer.resume and cfg.trainer.resume != "auto" and not resuming:
+        raise TlbenchError(f"trainer.resume={cfg.trainer.resume!r}: no checkpoints/last.pt in {run_dir}")
+    _write_run_files(cfg, run_dir, bundle)
+    tracker = Tracker(run_dir)
+    plan_box = [plan]
+    hooks = _hooks(cfg, run_dir, plan_box, tracker, stop_after, bundle.tasks)
+    if resuming:
+        _resume(cfg, run_dir, state)
+    else:
+        hooks.save(state, "last.pt")  # an interrupted first epoch still leaves a resumable start
+        _log_batch_grid(bundle, tracker)
+    log.info("model: %d parameters, %d trainable; device %s", plan.total, plan.trainable_count, device)
+    opts = LoopOptions(device=device, dtype=amp_dtype(device, cfg.trainer.precision),
+                       grad_clip=cfg.trainer.grad_clip, progress=_progress(cfg),
+                       class_weights=_class_weights(bundle, device))
+    loaders = make_loaders(bundle, cfg, device)
+    try:
+        fit(state, loaders, list(bundle.tasks), opts, cfg.trainer, hooks)
+        results = finish(cfg, run_dir, bundle, state, plan_box[0], loaders, opts, tracker, device, t0)
+    finally:
+        tracker.close()
+    return results
+
+
+def _class_weights(bundle, device):
+    if not bundle.class_weights:
+        return None
+    return {t: torch.tensor(w, dtype=torch.float32, device=device) for t, w in bundle.class_weights.items()}
+
+
+def _write_run_files(cfg: Config, run_dir: Path, bundle) -> None:
+    (run_dir / "config_hash").write_text(config_hash(cfg) + "\n")
+    write_json(run_dir / "splits.json", {
+        "split_seed": cfg.dataset.split_seed, "dataset": cfg.dataset.name,
+        "fingerprint": bundle.fingerprint, **bundle.splits,
+    })
+
+
+def _log_batch_grid(bundle, tracker: Tracker) -> None:
+    """A grid of training images, once (without touching the training RNG)."""
+    import torchvision
+
+    with torch.random.fork_rng():
+        n = min(32, len(bundle.train))
+        x = torch.stack([bundle.train[i][0] for i in range(n)]).cpu().float()
+    x = (x - x.amin()) / (x.amax() - x.amin() + 1e-8)
+    tracker.image("train/batch", torchvision.utils.make_grid(x, nrow=8), 0)
+
+
+def evaluate_split(model, loader, tasks, opts, limit=None) -> dict:
+    """Predictions of ``model`` on one split: ``{task: {targets, preds, probs}}``."""
+    model.eval()
+    return run_epoch(model, loader, tasks, opts, limit=limit, desc="eval", collect=True).collected
+
+
+def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, prefix: str = "") -> dict:
+    """Write predictions/reports/figures of one split; return ``{task: metrics}``."""
+    out = {}
+    idx = getattr(bundle, split).indices
+    sub = "" if split == "test" else f"{split}/"
+    for task, c in collected.items():
+        names = bundle.tasks[task]
+        indices = idx[: len(c["targets"])]
+        write_predictions(run_dir / f"{prefix}predictions" / f"{sub}{task}.csv", indices, c["targets"],
+                          c["preds"], c["probs"], names, bundle.source.relpaths)
+        m = compute_metrics(c["targets"], c["preds"], c["probs"], names)
+        m["loss"] = m["log_loss"]
+        out[task] = m
+        if split == "test":
+            write_report(run_dir, task, c["targets"], c["preds"], names, prefix)
+            save_confusion(run_dir, task, m["confusion_matrix"], names, tracker, prefix)
+    return out
+
+
+def finish(cfg, run_dir, bundle, state, plan, loaders, opts, tracker, device, t0) -> dict:
+    """Load the best checkpoint, evaluate val and (once) test, write results.json."""
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt", map_location=device)
+    state.model.load_state_dict(best["model"])
+    tasks, lim = list(bundle.tasks), cfg.trainer.limit_eval_batches
+    val = report_split(run_dir, "val", evaluate_split(state.model, loaders["val"], tasks, opts, lim), bundle, None)
+    test = report_split(run_dir, "test", evaluate_split(state.model, loaders["test"], tasks, opts, lim),
+                        bundle, tracker)
+    hist = state.history
+    results = {
+        "tlbench_version": __version__, "config_hash": config_hash(cfg), "dataset": cfg.dataset.name,
+        "dataset_fingerprint": bundle.fingerprint, "model": cfg.model.name, "freeze": cfg.freeze.name,
+        "seed": cfg.seed, "device": str(device), "versions": versions(),
+        "params": {"total": plan.total, "trainable": plan.trainable_count},
+        "weights_source": getattr(state.model.backbone, "weights_source", None),
+        "tasks": bundle.tasks, "class_counts": bundle.class_counts, "skipped_images": bundle.source.skipped,
+        "monitor": cfg.trainer.monitor, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+        "early_stopped": state.epoch < cfg.trainer.max_epochs,
+        "time": {"total_s": time.perf_counter() - t0,
+                 "train_s_per_epoch": float(np.mean([h["train_seconds"] for h in hist])) if hist else None,
+                 "val_s_per_epoch": float(np.mean([h["val_seconds"] for h in hist])) if hist else None},
+        "epochs": hist, "val": val, "test": test,
+    }
+    write_json(run_dir / "results.json", results)
+    _final_scalars(cfg, results, tracker)
+    return results
+
+
+def _final_scalars(cfg: Config, results: dict, tracker: Tracker) -> None:
+    step = results["best_epoch"] or 0
+    metrics = {}
+    for split in ("val", "test"):
+        for t, m in results[split].items():
+            tracker.scalars({f"accuracy/{split}_best/{t}": m["accuracy"]}, step)
+            metrics[f"hparam/{split}_accuracy_{t}"] = m["accuracy"]
+            metrics[f"hparam/{split}_loss_{t}"] = m["loss"]
+    flat = {}
+    for group, values in to_dict(cfg).items():
+        if isinstance(values, dict):
+            flat.update({f"{group}.{k}": v for k, v in values.items() if k not in ("resume", "progress")})
+        else:
+            flat[group] = values
+    tracker.hparams(flat, metrics)
+
+
+def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optional[str] = None) -> Path:
+    """Re-evaluate a run's best checkpoint on one split (optionally of another dataset root
+    with the same classes) into ``run_dir/eval_<name>/`` with the same file contract."""
+    import dataclasses
+
+    from .config import DatasetConfig, _from_dict, validate
+
+    if split not in ("train", "val", "test", "all"):
+        raise TlbenchError(f"split={split!r} is not valid; choose one of 'train', 'val', 'test', 'all'")
+    run_dir = Path(run_dir)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    saved = ckpt["config"]
+    ds = _from_dict(DatasetConfig, {**saved["dataset"], **dataset_updates}, "dataset")
+    cfg = validate(dataclasses.replace(to_config_dict(saved), dataset=ds))
+    out = run_dir / f"eval_{name or split}"
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_log_file(out, "eval.log")
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    bundle, model, plan = build_everything(cfg)
+    if ckpt.get("tasks") and bundle.tasks != ckpt["tasks"]:
+        raise TlbenchError(
+            f"the evaluation data has other classes than the run was trained on: {bundle.tasks} "
+            f"vs {ckpt['tasks']}; point dataset.root at data with the same class folders"
+        )
+    model.load_state_dict(ckpt["model"])
+    device = select_device(cfg.trainer.device)
+    model.to(device)
+    opts = LoopOptions(device=device, progress=_progress(cfg))
+    if split == "all":  # every item of the source, e.g. a held-out folder
+        from .data import SplitDataset
+
+        _, eval_tf = build_transforms_for(bundle, model)
+        bundle.test = SplitDataset(bundle.source, range(len(bundle.source)), list(bundle.tasks), eval_tf)
+        bundle.splits = {"test": list(range(len(bundle.source)))}
+    elif split != "test":
+        bundle.test = getattr(bundle, split)
+    loader = make_loaders(bundle, cfg, device)["test"]
+    metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None)
+    write_json(out / "results.json", {
+        "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
+        "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],
+        "params": {"total": plan.total, "trainable": plan.trainable_count}, "test": metrics,
+    })
+    write_json(out / "splits.json", bundle.splits)
+    return out
+
+
+def build_transforms_for(bundle, model):
+    from .data import _native_size
+    from .data.transforms import build_transforms
+
+    return build_transforms(model.backbone.input_spec, "none", _native_size(bundle.source))
+
+
+def to_config_dict(saved: dict) -> Config:
+    from .config import to_config
+
+    return to_config(saved)
+
+
+def plan_text(cfg: Config, as_json: bool) -> str:
+    """``tlbench plan``: build the model and freeze plan (data only for the task sizes)."""
+    from .plan import plan_report
+
+    seed_everything(cfg.seed)
+    _, model, plan = build_everything(cfg)
+    return plan_report(model, plan, as_json)

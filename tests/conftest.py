@@ -1,0 +1,52 @@
+"""Shared fixtures: compose the real config from conf/, shrink it, run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    """The small real datasets (../shared/data), or TLBENCH_SHARED_DATA."""
+    return Path(os.environ.get("TLBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run ``tlbench`` in-process into ``tmp_path/run``; returns (exit_code, run_dir)."""
+    from tlbench.cli import main
+
+    def run(*overrides: str, run_dir: Path | None = None) -> tuple[int, Path]:
+        rd = run_dir or tmp_path / "run"
+        args = [*overrides, f"hydra.run.dir={rd}", "trainer.progress=false"]
+        try:
+            code = main(args)
+        except SystemExit as e:  # errors raised inside the Hydra task
+            code = e.code
+        return code, rd
+
+    return run
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def compose_cfg(*overrides: str):
+    from tlbench.cli import compose
+
+    return compose(list(overrides))
