@@ -51,8 +51,6 @@ class FreezePlan:
     total: int
     trainable_count: int
     outside: dict = field(default_factory=dict)  # backbone params in no block: n_params, n_trainable
-    cfg: FreezeConfig | None = None
-    optim: OptimConfig | None = None
 
 
 def _block_list(model) -> list[tuple[str, list[nn.Parameter]]]:
@@ -166,8 +164,6 @@ def apply_freeze(model, cfg: FreezeConfig, optim: OptimConfig, epoch: int = 0) -
         total=sum(p.numel() for _, p in named),
         trainable_count=sum(p.numel() for _, p in named if id(p) in train),
         outside={"n_params": sum(p.numel() for p in outside), "n_trainable": sum(p.numel() for p in outside if id(p) in train)},
-        cfg=cfg,
-        optim=optim,
     )
     log.info("freeze %s: %d of %d parameters train", cfg.name, plan.trainable_count, plan.total)
     return plan
@@ -227,19 +223,14 @@ def set_bn_eval(model: nn.Module, plan: FreezePlan) -> None:
         model.get_submodule(name).eval()
 
 
-def gradual_unfreeze(model, plan_or_cfg, epoch: int, optim: OptimConfig | None = None) -> FreezePlan | None:
-    """The plan for ``epoch`` when ``freeze.gradual=K`` unfreezes another block then, else None.
+def gradual_unfreeze(model, cfg: FreezeConfig, optim: OptimConfig, epoch: int) -> FreezePlan | None:
+    """The plan for (0-based) ``epoch`` under ``freeze.gradual=K``, or None when it is unchanged.
 
-    ``plan_or_cfg``: the current :class:`FreezePlan` (its configs are reused) or a
-    :class:`FreezeConfig` together with ``optim``. Rebuild the optimizer from the new plan's groups.
+    The last ``epoch // K`` blocks train on top of the policy's own choice. The plan is
+    recomputed from ``epoch`` alone (not from the previous call), so a resumed run gets the
+    right set. Rebuild the optimizer from the new plan's groups.
     """
-    if isinstance(plan_or_cfg, FreezePlan):
-        cfg, optim = plan_or_cfg.cfg, optim or plan_or_cfg.optim
-    else:
-        cfg = plan_or_cfg
-    if optim is None or cfg is None:
-        raise ValueError("gradual_unfreeze needs the FreezePlan from apply_freeze, or a FreezeConfig and an OptimConfig")
-    if cfg.gradual <= 0 or epoch <= 0 or epoch % cfg.gradual:
+    if cfg.gradual <= 0:
         return None
     before = {n for n, p in model.named_parameters() if p.requires_grad}
     plan = apply_freeze(model, cfg, optim, epoch=epoch)

@@ -1,0 +1,532 @@
+"""``tlbench compare``: run directories and sweeps -> one table (and a plot), a row per config group.
+
+    tlbench compare SWEEP_DIR|RUN_DIR... [--by model,freeze] [--metric test/accuracy]
+                    [--format md|csv|latex] [--out FILE] [--plot FILE.png]
+
+Pure pieces, usable from tests and notebooks without the CLI:
+
+- ``collect_runs(paths) -> (runs, problems)``: finds run directories (recursively) and reads
+  ``.hydra/config.yaml``, ``.hydra/overrides.yaml`` and ``results.json``. A run directory without
+  a readable ``results.json`` (and a job of a basic sweep that never got a directory) becomes a
+  :class:`Problem`, listed in the output, never silently dropped.
+- ``aggregate(runs, by, metric) -> rows``: groups runs by dotted config keys and aggregates over
+  the rest (normally the seeds): n, mean, sample std, 95% CI half-width (t distribution),
+  trainable parameters, seconds per epoch, best epoch, training throughput; warnings per group.
+- ``render(rows, fmt, problems=())`` -> Markdown, CSV or LaTeX text; ``plot(rows, path)`` -> PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from .errors import TlbenchError
+
+ALIASES = {"model": "model.name", "freeze": "freeze.name", "dataset": "dataset.name", "optim": "optim.name",
+           "sched": "sched.name"}
+# keys that never define a group by default (and may differ inside one without a warning)
+NOT_A_GROUP = ("seed", "trainer.resume", "trainer.progress")
+SPLITS = ("test", "val")
+PERCENT_WORDS = ("accuracy", "f1", "precision", "recall")
+FORMATS = {"md": "md", "markdown": "md", "csv": "csv", "latex": "latex", "tex": "latex"}
+_MISSING = object()
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    overrides: list
+    results: dict
+
+
+@dataclass
+class Problem:
+    path: Path
+    has_last: bool
+    reason: str = ""
+
+    def line(self) -> str:
+        text = f"not finished: {self.path} (has last.pt: {'yes' if self.has_last else 'no'})"
+        return f"{text} - {self.reason}" if self.reason else text
+
+
+@dataclass(frozen=True)
+class Metric:
+    split: str
+    name: str
+    task: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.split}/{self.name}/{self.task}"
+
+    @property
+    def percent(self) -> bool:
+        return any(w in self.name for w in PERCENT_WORDS)
+
+
+@dataclass
+class Row:
+    by: tuple
+    values: tuple  # the group's config values, in the order of ``by``
+    metric: Metric
+    runs: list
+    n: int
+    mean: Optional[float]
+    std: Optional[float]
+    ci95: Optional[float]
+    trainable: Optional[float]
+    best_epoch: Optional[float]
+    train_s: Optional[float]
+    eval_s: Optional[float]
+    train_img_s: Optional[float]
+    warnings: list = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={_show(v)}" for k, v in zip(self.by, self.values))
+
+
+# ----------------------------------------------------------------------------- collecting
+def _natural(path: Path):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _is_run_dir(d: Path) -> bool:
+    return (d / ".hydra" / "config.yaml").is_file() or (d / "results.json").is_file() or (d / "checkpoints").is_dir()
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Run directories at or under ``root`` (a run dir's own subfolders, e.g. ``eval_*``, are its own)."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        d = Path(dirpath)
+        if _is_run_dir(d):
+            found.append(d)
+            dirnames[:] = []
+        else:
+            dirnames[:] = sorted((n for n in dirnames if not n.startswith(".")), key=_natural)
+    return sorted(found, key=_natural)
+
+
+def _read_yaml(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def _load_run(d: Path):
+    has_last = (d / "checkpoints" / "last.pt").is_file()
+    if not (d / "results.json").is_file():
+        return Problem(d, has_last)
+    try:
+        results = json.loads((d / "results.json").read_text())
+        if not isinstance(results, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return Problem(d, has_last, f"results.json unreadable ({e})")
+    try:
+        config = _read_yaml(d / ".hydra" / "config.yaml")
+        overrides = _read_yaml(d / ".hydra" / "overrides.yaml") or []
+    except Exception as e:  # yaml errors of any kind
+        return Problem(d, has_last, f".hydra/ unreadable ({' '.join(str(e).split())})")
+    if not isinstance(config, dict):  # no .hydra: what results.json tells about the config
+        config = {k: {"name": results[k]} for k in ("dataset", "model", "freeze") if k in results}
+        config["seed"] = results.get("seed")
+    return Run(d, config, [str(o) for o in overrides], results)
+
+
+def _sweep_jobs(sweep_dir: Path) -> list[Problem]:
+    """Jobs of a basic-sweeper multirun (``multirun.yaml``) that never got a directory."""
+    try:
+        conf = _read_yaml(sweep_dir / "multirun.yaml") or {}
+    except Exception:
+        return []
+    hydra = conf.get("hydra") or {}
+    if "BasicSweeper" not in str((hydra.get("sweeper") or {}).get("_target_")) \
+            or (hydra.get("sweeper") or {}).get("params") or hydra.get("sweep", {}).get("subdir") != "${hydra.job.num}":
+        return []
+    axes = []
+    for o in (hydra.get("overrides") or {}).get("task") or []:
+        key, _, value = str(o).partition("=")
+        if re.search(r"[()\[\]{}'\"\\]", value):
+            return []  # sweep syntax beyond plain comma lists: don't guess
+        axes.append([f"{key}={v}" for v in value.split(",")])
+    return [Problem(sweep_dir / str(i), False, f"never started ({' '.join(job)})")
+            for i, job in enumerate(itertools.product(*axes)) if not (sweep_dir / str(i)).exists()]
+
+
+def collect_runs(paths: Iterable) -> tuple[list[Run], list[Problem]]:
+    """All run directories under ``paths``: finished runs and the ones that are not."""
+    runs, problems, seen = [], [], set()
+    for p in map(Path, paths):
+        if p.is_file() and p.name == "results.json":
+            p = p.parent
+        if not p.is_dir():
+            raise TlbenchError(f"{p} is not a directory; give run directories or sweep directories "
+                               f"(folders holding .hydra/config.yaml, results.json or checkpoints/)")
+        dirs = find_run_dirs(p)
+        if not dirs:
+            raise TlbenchError(f"no run directories under {p}: a run directory holds .hydra/config.yaml, "
+                               f"results.json or checkpoints/")
+        for d in dirs:
+            if d.resolve() not in seen:
+                seen.add(d.resolve())
+                item = _load_run(d)
+                (runs if isinstance(item, Run) else problems).append(item)
+        for sweep in {d.parent for d in dirs if d != p and (d.parent / "multirun.yaml").is_file()}:
+            problems.extend(q for q in _sweep_jobs(sweep) if q.path.resolve() not in seen)
+    return runs, sorted(problems, key=lambda q: _natural(q.path))
+
+
+# ----------------------------------------------------------------------------- keys and metrics
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _canonical(key: str, runs: Sequence[Run]) -> str:
+    key = ALIASES.get(key, key)
+    if any(isinstance(_get(r.config, key), dict) and "name" in _get(r.config, key) for r in runs):
+        return f"{key}.name"
+    return key
+
+
+def _ident(value) -> str:
+    return "\0missing" if value is _MISSING else json.dumps(value, sort_keys=True, default=str)
+
+
+def _default_by(runs: Sequence[Run]) -> list[str]:
+    keys = []
+    for r in runs:
+        for o in r.overrides:
+            key = _canonical(o.split("=", 1)[0].lstrip("+~"), runs)
+            if key not in keys and not key.startswith("hydra.") and key not in NOT_A_GROUP:
+                keys.append(key)
+    varying = [k for k in keys if len({_ident(_get(r.config, k)) for r in runs}) > 1]
+    return varying or ["model.name"]
+
+
+def resolve_by(runs: Sequence[Run], by) -> list[str]:
+    """``--by`` (comma-separated or a list; None = the varying overridden keys) -> dotted config keys."""
+    if by is None or by == "" or by == []:
+        return _default_by(runs)
+    names = [k.strip() for k in (by.split(",") if isinstance(by, str) else by) if k.strip()]
+    keys = [_canonical(k, runs) for k in names]
+    available = sorted({k for r in runs for k in _flatten(r.config) if not k.startswith("hydra.")})
+    unknown = [n for n, k in zip(names, keys) if all(_get(r.config, k) is _MISSING for r in runs)]
+    if unknown:
+        raise TlbenchError(f"--by: unknown config key {unknown[0]!r}; the runs' keys are: {', '.join(available)} "
+                           f"(short forms: {', '.join(f'{a}={k}' for a, k in ALIASES.items())})")
+    return keys
+
+
+def _numeric_metrics(results: dict) -> dict:
+    """``{split: {task: [metric names]}}`` of the scalar metrics in one results.json."""
+    out = {}
+    for split in SPLITS:
+        for task, m in (results.get(split) or {}).items():
+            if isinstance(m, dict):
+                out.setdefault(split, {})[task] = [k for k, v in m.items()
+                                                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return out
+
+
+def resolve_metric(runs: Sequence[Run], metric: Optional[str]) -> Metric:
+    """``split/name[/task]`` (default ``test/accuracy`` of the first task) -> :class:`Metric`."""
+    found = [_numeric_metrics(r.results) for r in runs]
+    names = sorted({f"{s}/{n}" for f in found for s, tasks in f.items() for ns in tasks.values() for n in ns})
+    tasks = list(dict.fromkeys(t for f in found for s in f.values() for t in s))
+    parts = (metric or "test/accuracy").strip("/").split("/")
+    split, name = (parts + [""])[:2] if len(parts) > 1 else ("test", parts[0])  # "macro_f1" = test/macro_f1
+    task = parts[2] if len(parts) > 2 else (tasks[0] if tasks else "")
+    ok = len(parts) <= 3 and any(name in f.get(split, {}).get(task, []) for f in found)
+    if not ok:
+        hint = f"unknown task {task!r}" if f"{split}/{name}" in names and task not in tasks else "not in the runs"
+        raise TlbenchError(f"--metric {metric!r}: {hint}; available: {', '.join(names) or 'none'}, "
+                           f"optionally with a task: /{' /'.join(tasks)} (default: {tasks[0] if tasks else '-'})")
+    return Metric(split, name, task)
+
+
+# ----------------------------------------------------------------------------- aggregating
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def stats(values: Sequence[float]) -> tuple[int, Optional[float], Optional[float], Optional[float]]:
+    """n, mean, sample std (ddof=1) and 95% CI half-width ``t(0.975, n-1) * std / sqrt(n)``."""
+    n = len(values)
+    if n == 0:
+        return 0, None, None, None
+    mean = sum(values) / n
+    if n == 1:
+        return 1, mean, None, None
+    from scipy.stats import t
+
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return n, mean, std, float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+
+
+def _run_numbers(r: Run) -> dict:
+    res, time_ = r.results, r.results.get("time") or {}
+    train_s = time_.get("train_s_per_epoch")
+    items = _mean([(e.get("train") or {}).get("n") for e in res.get("epochs") or [] if isinstance(e, dict)])
+    return {"trainable": (res.get("params") or {}).get("trainable"), "best_epoch": res.get("best_epoch"),
+            "train_s": train_s, "eval_s": time_.get("val_s_per_epoch"),
+            "img_s": items / train_s if items and train_s else None}
+
+
+def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metric: Metric) -> list[str]:
+    out = []
+    prints = sorted({str(r.results.get("dataset_fingerprint")) for r in runs})
+    if len(prints) > 1:
+        out.append(f"{label}: runs trained on different data (dataset_fingerprint {', '.join(prints)}); "
+                   f"their numbers are not comparable")
+    params = sorted({(r.results.get("params") or {}).get("trainable") for r in runs}, key=str)
+    if len(params) > 1:
+        out.append(f"{label}: trainable parameters differ within the group ({', '.join(map(str, params))})")
+    flat = [_flatten(r.config) for r in runs]
+    keys = sorted({k for f in flat for k in f} - set(by) - set(NOT_A_GROUP))
+    differ = [k for k in keys if not k.startswith("hydra.") and len({_ident(f.get(k, _MISSING)) for f in flat}) > 1]
+    if differ:
+        out.append(f"{label}: runs differ in keys not in --by: {', '.join(differ[:8])}"
+                   f"{' ...' if len(differ) > 8 else ''} (add them to --by to split the group)")
+    hashes = [r.results.get("config_hash") for r in runs if r.results.get("config_hash")]
+    dup = sorted({h for h in hashes if hashes.count(h) > 1})
+    if dup:
+        out.append(f"{label}: {len(hashes) - len(set(hashes))} run(s) repeat a config and seed already counted "
+                   f"(config_hash {', '.join(dup)})")
+    lacking = [str(r.path) for r in runs if _metric_value(r, metric) is None]
+    if lacking:
+        out.append(f"{label}: {len(lacking)} run(s) have no {metric.label}, left out of the mean: {', '.join(lacking)}")
+    return out
+
+
+def _metric_value(r: Run, metric: Metric) -> Optional[float]:
+    v = ((r.results.get(metric.split) or {}).get(metric.task) or {}).get(metric.name)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _sort_key(values: tuple):
+    return [(2, "") if v is _MISSING else (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool)
+            else (1, 0, str(v)) for v in values]
+
+
+def aggregate(runs: Sequence[Run], by=None, metric=None) -> list[Row]:
+    """One :class:`Row` per distinct combination of the ``by`` config values, sorted by them."""
+    if not runs:
+        raise TlbenchError("no finished runs to compare")
+    keys = resolve_by(runs, by)
+    m = metric if isinstance(metric, Metric) else resolve_metric(runs, metric)
+    groups: dict = {}
+    for r in runs:
+        values = tuple(_get(r.config, k) for k in keys)
+        groups.setdefault(tuple(map(_ident, values)), (values, []))[1].append(r)
+    rows = []
+    for values, members in sorted(groups.values(), key=lambda g: _sort_key(g[0])):
+        n, mean, std, ci = stats([v for v in (_metric_value(r, m) for r in members) if v is not None])
+        nums = [_run_numbers(r) for r in members]
+        row = Row(tuple(keys), values, m, [r.path for r in members], n, mean, std, ci,
+                  *(_mean(x[k] for x in nums) for k in ("trainable", "best_epoch", "train_s", "eval_s", "img_s")))
+        row.warnings = _group_warnings(row.label, members, keys, m)
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- rendering
+def _show(v) -> str:
+    if v is _MISSING:
+        return "-"
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _num(x, digits: int, sep: bool) -> str:
+    if x is None:
+        return ""
+    return f"{x:,.{digits}f}" if sep else f"{x:.{digits}f}"
+
+
+def _secs(x) -> str:
+    return "" if x is None else f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def table(rows: Sequence[Row], sep: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells (accuracy-like metrics in percent, 2 decimals)."""
+    if not rows:
+        return [], []
+    m = rows[0].metric
+    scale, digits, unit = (100.0, 2, " (%)") if m.percent else (1.0, 4, "")
+    head = [*rows[0].by, "n", f"{m.label}{unit}", "std", "95% CI ±", "trainable params", "best epoch",
+            "train s/epoch", "eval s/epoch", "train img/s"]
+    body = [[*map(_show, r.values), str(r.n), *(_num(None if v is None else v * scale, digits, False)
+                                                  for v in (r.mean, r.std, r.ci95)),
+             _num(r.trainable, 0, sep), _num(r.best_epoch, 1, False), _secs(r.train_s), _secs(r.eval_s),
+             _num(r.train_img_s, 0, sep)] for r in rows]
+    return head, body
+
+
+def notes(rows: Sequence[Row], problems: Sequence[Problem] = ()) -> list[str]:
+    return [w for r in rows for w in r.warnings] + [p.line() for p in problems]
+
+
+def _markdown(rows, problems) -> str:
+    head, body = table(rows)
+    nby = len(rows[0].by) if rows else 0
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) if i >= nby else c.ljust(w)  # noqa: E731
+                                          for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i >= nby else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    out = []
+    if rows:
+        m = rows[0].metric
+        out += [f"{m.label}: mean over the runs of each group (normally seeds), sample std, "
+                f"95% CI half-width (t distribution); {sum(len(r.runs) for r in rows)} runs in {len(rows)} groups.",
+                "", line(head), rule, *map(line, body)]
+    warn = [w for r in rows for w in r.warnings]
+    if warn:
+        out += ["", "Warnings:", *(f"- {w}" for w in warn)]
+    if problems:
+        out += ["", "Not finished (not in the table):", *(f"- {p.line()}" for p in problems)]
+    return "\n".join(out) + "\n"
+
+
+def _csv(rows) -> str:
+    head, body = table(rows, sep=False)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(head)
+    w.writerows(body)
+    return buf.getvalue()
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex(s: str) -> str:
+    return "".join(_TEX.get(c, c) for c in s).replace("±", r"$\pm$")
+
+
+def _latex(rows, problems) -> str:
+    head, body = table(rows)
+    nby = len(rows[0].by) if rows else 0
+    spec = "l" * nby + "r" * (len(head) - nby)
+    out = [rf"\begin{{tabular}}{{{spec}}}", r"\hline", " & ".join(map(_tex, head)) + r" \\", r"\hline"]
+    out += [" & ".join(map(_tex, cells)) + r" \\" for cells in body]
+    out += [r"\hline", r"\end{tabular}"]
+    out += [f"% {n}" for n in notes(rows, problems)]
+    return "\n".join(out) + "\n"
+
+
+def render(rows: Sequence[Row], fmt: str = "md", problems: Sequence[Problem] = ()) -> str:
+    """The table as Markdown (with warnings and unfinished runs listed below it), CSV (the table
+    only: :func:`notes` has the rest) or a LaTeX tabular (notes as ``%`` comments)."""
+    kind = FORMATS.get(fmt)
+    if kind is None:
+        raise TlbenchError(f"--format {fmt!r} is not known; choose one of 'md', 'csv', 'latex'")
+    return _csv(rows) if kind == "csv" else _latex(rows, problems) if kind == "latex" else _markdown(rows, problems)
+
+
+def plot(rows: Sequence[Row], path) -> Path:
+    """Scatter of the metric (mean, std error bars) against trainable parameters (log x), one labelled
+    point per group."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pts = [r for r in rows if r.mean is not None and r.trainable]
+    if not pts:
+        raise TlbenchError("--plot: no group has both a metric value and a trainable-parameter count")
+    scale = 100.0 if pts[0].metric.percent else 1.0
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in pts:
+        ax.errorbar(r.trainable, r.mean * scale, yerr=(r.std or 0.0) * scale, fmt="o", capsize=4)
+        text = ", ".join(_show(v) for v in r.values) + f" (n={r.n})"
+        ax.annotate(text, (r.trainable, r.mean * scale), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(pts[0].metric.label + (" (%)" if scale == 100.0 else ""))
+    ax.set_title(f"{pts[0].metric.label} vs trainable parameters (mean ± std)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path
+
+
+# ----------------------------------------------------------------------------- command
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise TlbenchError(f"tlbench compare: {message}\n{self.format_usage().strip()}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tlbench compare", description="Compare runs and sweeps: one row per config group, "
+                "aggregated over seeds.")
+    p.add_argument("paths", nargs="+", metavar="SWEEP_DIR|RUN_DIR", help="run or sweep directories (searched recursively)")
+    p.add_argument("--by", help="comma-separated config keys to group by, e.g. model,freeze or optim.lr "
+                   "(default: the overridden keys that vary, except seed; else model.name)")
+    p.add_argument("--metric", help="split/metric[/task], e.g. test/accuracy, val/macro_f1, test/accuracy/digit "
+                   "(default test/accuracy of the first task)")
+    p.add_argument("--format", help="md (default), csv or latex (default from --out's suffix)")
+    p.add_argument("--out", help="write the table to FILE instead of stdout")
+    p.add_argument("--plot", help="write a PNG: metric vs trainable parameters")
+    return p
+
+
+def compare_main(argv: list[str]) -> int:
+    """``tlbench compare ...``; user mistakes raise :class:`TlbenchError`."""
+    try:
+        args = _parser().parse_args(list(argv))
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    suffix = {".csv": "csv", ".tex": "latex", ".md": "md"}.get(Path(args.out).suffix.lower()) if args.out else None
+    fmt = args.format or suffix or "md"
+    if fmt not in FORMATS:
+        raise TlbenchError(f"--format {fmt!r} is not known; choose one of 'md', 'csv', 'latex'")
+    runs, problems = collect_runs(args.paths)
+    if not runs:
+        raise TlbenchError("no finished runs to compare (no results.json):\n" + "\n".join(p.line() for p in problems))
+    rows = aggregate(runs, args.by, args.metric)
+    text = render(rows, fmt, problems)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out} ({len(rows)} groups, {len(runs)} runs, {len(problems)} not finished)")
+    else:
+        sys.stdout.write(text)
+    if FORMATS[fmt] == "csv" or args.out:
+        for n in notes(rows, problems):
+            print(n if n.startswith("not finished") else f"warning: {n}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot(rows, args.plot)}")
+    return 0

@@ -1,0 +1,64 @@
+"""Bad configuration: exit code 2 and one paragraph naming the bad value and the valid ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from tlbench.cli import main
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model=nosuchmodel", ["nosuchmodel", "'cnn'", "'mlp'"]),
+    ("dataset=nosuchdata", ["nosuchdata", "'sklearn_digits'"]),
+    ("trainer.nosuchkey=1", ["nosuchkey", "max_epochs"]),
+    ("+optim.nosuchkey=1", ["nosuchkey", "weight_decay"]),
+    ("optim.lr=fast", ["optim.lr", "fast", "float"]),
+    ("optim.lr=-0.1", ["optim.lr", "> 0"]),
+    ("trainer.max_epochs=0", ["trainer.max_epochs", ">= 1"]),
+    ("trainer.precision=8", ["trainer.precision", "16-mixed"]),
+    ("trainer.monitor=test/accuracy", ["test/accuracy", "val/loss"]),
+    ("trainer.device=tpu", ["tpu", "cuda:N"]),
+    ("dataset.augment=mixup", ["mixup", "flip_crop"]),
+])
+def test_bad_config_exits_2(override, expected, capsys, tmp_path):
+    code = main([override, f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for word in expected:
+        assert word in err, f"{word!r} not in {err!r}"
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_value_in_a_sweep_is_caught_before_any_job_runs(capsys, tmp_path):
+    code = main(["-m", "optim.lr=0.1,-1", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert code == 2 and "optim.lr" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_runtime_user_error_exits_2(tmp_path, capsys):
+    """An error found while running (not composing) also exits 2 with one paragraph."""
+    with pytest.raises(SystemExit) as exc:
+        main(["dataset.val_fraction=0.0001", f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress=false"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "val" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_debug_flag_shows_traceback():
+    from tlbench.errors import TlbenchError
+
+    with pytest.raises(TlbenchError):
+        main(["model=nosuchmodel", "--debug"])
+
+
+def test_config_is_frozen_and_typed():
+    import dataclasses
+
+    from tlbench.cli import compose
+
+    cfg = compose(["optim=sgd", "optim.lr=0.05", "head.hidden=[8,4]"])
+    assert cfg.optim.lr == 0.05 and cfg.head.hidden == (8, 4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
