@@ -43,7 +43,8 @@ def make_run(root: Path, name: str, *, model="cnn", freeze="full", seed=0, lr=0.
             "time": {"total_s": 3.0, "train_s_per_epoch": train_s, "val_s_per_epoch": val_s},
             "epochs": [{"epoch": e, "train": {"loss": 1.0, "n": n_train}, "val": {"loss": 1.0, "n": 200},
                         "train_seconds": train_s, "val_seconds": val_s} for e in (1, 2)],
-            "val": {t: {"accuracy": val_acc, "loss": 0.5, "macro_f1": f, "per_class": {}} for t, (a, f) in tasks.items()},
+            "val": {t: {"accuracy": val_acc, "loss": 0.5, "macro_f1": f, "per_class": {}}
+                    for t, (a, f) in tasks.items()},
             "test": {t: {"accuracy": a, "loss": 0.6, "macro_f1": f, "per_class": {}, "confusion_matrix": [[1]]}
                      for t, (a, f) in tasks.items()},
         }
@@ -137,9 +138,10 @@ def test_unfinished_runs_are_listed(sweep):
     assert len(runs) == 4
     assert [p.path.name for p in problems] == ["4", "5", "6"]
     out = render(aggregate(runs), "md", problems)
-    assert f"not finished: {sweep / '4'} (has last.pt: yes)" in out
+    assert f"not finished: {sweep / '4'} (has last.pt: yes) - model=cnn seed=3 trainer.max_epochs=2" in out
     assert f"not finished: {sweep / '5'} (has last.pt: no) - results.json unreadable" in out
-    assert f"not finished: {sweep / '6'} (has last.pt: no)" in out
+    (sweep / "6" / ".hydra" / "overrides.yaml").unlink()
+    assert f"not finished: {sweep / '6'} (has last.pt: no)\n" in render(aggregate(runs), "md", collect_runs([sweep])[1])
     assert f"% not finished: {sweep / '4'}" in render(aggregate(runs), "latex", problems)
 
 

@@ -4,6 +4,7 @@
     tlbench eval RUN_DIR [split=test] [dataset.root=...]
     tlbench plan [overrides] [--json]   the model, its blocks and what trains
     tlbench list {datasets,models,freeze,optim,sched,trainer,experiment}
+    tlbench compare SWEEP_DIR|RUN_DIR... [--by model,freeze] [--metric test/accuracy]
 
 User mistakes print one paragraph and exit with code 2 (``--debug`` or
 ``HYDRA_FULL_ERROR=1`` shows the traceback instead).
@@ -48,6 +49,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_eval(argv[1:])
         if argv and argv[0] == "plan":
             return cmd_plan(argv[1:])
+        if argv and argv[0] == "compare":
+            from .compare import compare_main
+
+            return compare_main(argv[1:])
         if argv and argv[0] == "train":
             argv = argv[1:]
         return cmd_train(argv, debug)

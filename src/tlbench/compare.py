@@ -129,7 +129,10 @@ def _read_yaml(path: Path):
 def _load_run(d: Path):
     has_last = (d / "checkpoints" / "last.pt").is_file()
     if not (d / "results.json").is_file():
-        return Problem(d, has_last)
+        try:  # name the run by its overrides, if it has them
+            return Problem(d, has_last, " ".join(map(str, _read_yaml(d / ".hydra" / "overrides.yaml") or [])))
+        except Exception:
+            return Problem(d, has_last)
     try:
         results = json.loads((d / "results.json").read_text())
         if not isinstance(results, dict):
@@ -154,8 +157,8 @@ def _sweep_jobs(sweep_dir: Path) -> list[Problem]:
     except Exception:
         return []
     hydra = conf.get("hydra") or {}
-    if "BasicSweeper" not in str((hydra.get("sweeper") or {}).get("_target_")) \
-            or (hydra.get("sweeper") or {}).get("params") or hydra.get("sweep", {}).get("subdir") != "${hydra.job.num}":
+    sweeper, subdir = hydra.get("sweeper") or {}, (hydra.get("sweep") or {}).get("subdir")
+    if "BasicSweeper" not in str(sweeper.get("_target_")) or sweeper.get("params") or subdir != "${hydra.job.num}":
         return []
     axes = []
     for o in (hydra.get("overrides") or {}).get("task") or []:
@@ -252,9 +255,12 @@ def _numeric_metrics(results: dict) -> dict:
     for split in SPLITS:
         for task, m in (results.get(split) or {}).items():
             if isinstance(m, dict):
-                out.setdefault(split, {})[task] = [k for k, v in m.items()
-                                                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                out.setdefault(split, {})[task] = [k for k, v in m.items() if k != "n" and _is_number(v)]
     return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def resolve_metric(runs: Sequence[Run], metric: Optional[str]) -> Metric:
@@ -310,7 +316,8 @@ def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metric: Metr
                    f"their numbers are not comparable")
     params = sorted({(r.results.get("params") or {}).get("trainable") for r in runs}, key=str)
     if len(params) > 1:
-        out.append(f"{label}: trainable parameters differ within the group ({', '.join(map(str, params))})")
+        shown = ", ".join(f"{p:,}" if isinstance(p, int) else str(p) for p in params)
+        out.append(f"{label}: trainable parameters differ within the group ({shown})")
     flat = [_flatten(r.config) for r in runs]
     keys = sorted({k for f in flat for k in f} - set(by) - set(NOT_A_GROUP))
     differ = [k for k in keys if not k.startswith("hydra.") and len({_ident(f.get(k, _MISSING)) for f in flat}) > 1]
@@ -330,7 +337,7 @@ def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metric: Metr
 
 def _metric_value(r: Run, metric: Metric) -> Optional[float]:
     v = ((r.results.get(metric.split) or {}).get(metric.task) or {}).get(metric.name)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return float(v) if _is_number(v) else None
 
 
 def _sort_key(values: tuple):
@@ -405,8 +412,9 @@ def _markdown(rows, problems) -> str:
     out = []
     if rows:
         m = rows[0].metric
+        count = f"{sum(len(r.runs) for r in rows)} runs in {len(rows)} group{'s' * (len(rows) != 1)}"
         out += [f"{m.label}: mean over the runs of each group (normally seeds), sample std, "
-                f"95% CI half-width (t distribution); {sum(len(r.runs) for r in rows)} runs in {len(rows)} groups.",
+                f"95% CI half-width (t distribution); {count}.",
                 "", line(head), rule, *map(line, body)]
     warn = [w for r in rows for w in r.warnings]
     if warn:
@@ -471,7 +479,8 @@ def plot(rows: Sequence[Row], path) -> Path:
         text = ", ".join(_show(v) for v in r.values) + f" (n={r.n})"
         ax.annotate(text, (r.trainable, r.mean * scale), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
+    ax.margins(x=0.2, y=0.15)
+    ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(pts[0].metric.label + (" (%)" if scale == 100.0 else ""))
     ax.set_title(f"{pts[0].metric.label} vs trainable parameters (mean ± std)")
     ax.grid(True, which="both", alpha=0.3)
@@ -491,7 +500,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tlbench compare", description="Compare runs and sweeps: one row per config group, "
                 "aggregated over seeds.")
-    p.add_argument("paths", nargs="+", metavar="SWEEP_DIR|RUN_DIR", help="run or sweep directories (searched recursively)")
+    p.add_argument("paths", nargs="+", metavar="SWEEP_DIR|RUN_DIR",
+                   help="run or sweep directories (searched recursively)")
     p.add_argument("--by", help="comma-separated config keys to group by, e.g. model,freeze or optim.lr "
                    "(default: the overridden keys that vary, except seed; else model.name)")
     p.add_argument("--metric", help="split/metric[/task], e.g. test/accuracy, val/macro_f1, test/accuracy/digit "

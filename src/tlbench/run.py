@@ -119,21 +119,25 @@ def _gradual_hook(cfg: Config, plan_box: list):
         if new is None:
             return
         plan_box[0] = new
-        # rebuild the optimizer groups; keep the state of parameters that were training already
+        # new optimizer groups; parameters that trained already keep their optimizer state
         old = state.optimizer
         state.optimizer = build_optimizer(new.groups, cfg.optim)
         for p, s in old.state.items():
             state.optimizer.state[p] = s
         state.scheduler = build_scheduler(state.optimizer, cfg.sched, cfg.trainer.max_epochs)
-        if state.scheduler is not None:
-            for _ in range(epoch):
-                state.scheduler.step() if not hasattr(state.scheduler, "best") else None
-        log.info("epoch %d: gradual unfreeze -> %d trainable parameters", epoch + 1, new.trainable_count)
+        if state.scheduler is not None and not isinstance(
+                state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            import warnings
+
+            with warnings.catch_warnings():  # fast-forward the schedule to this epoch
+                warnings.simplefilter("ignore")
+                for _ in range(epoch):
+                    state.scheduler.step()
 
     return before_epoch
 
 
-def _resume(cfg: Config, run_dir: Path, state: TrainState) -> None:
+def _resume(cfg: Config, run_dir: Path, state: TrainState, plan_box: list) -> None:
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     if ckpt.get("config_hash") != config_hash(cfg):
         from .config import to_dict as _d
@@ -145,6 +149,9 @@ def _resume(cfg: Config, run_dir: Path, state: TrainState) -> None:
             f"cannot resume {run_dir}: its checkpoint was made with a different config "
             f"(differs in: {', '.join(diff) or 'top-level keys'}); resume with the same overrides as the original run"
         )
+    hook = _gradual_hook(cfg, plan_box)
+    if hook:  # the optimizer groups as they were when the checkpoint was written
+        hook(state, max(0, ckpt["epoch"] - 1))
     state.restore(ckpt)
     log.info("resumed from %s at epoch %d", run_dir / "checkpoints" / "last.pt", state.epoch)
 
@@ -173,7 +180,7 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
     plan_box = [plan]
     hooks = _hooks(cfg, run_dir, plan_box, tracker, stop_after, bundle.tasks)
     if resuming:
-        _resume(cfg, run_dir, state)
+        _resume(cfg, run_dir, state, plan_box)
     else:
         hooks.save(state, "last.pt")  # an interrupted first epoch still leaves a resumable start
         _log_batch_grid(bundle, tracker)
