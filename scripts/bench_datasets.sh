@@ -7,7 +7,7 @@
 #
 # Environment: DATA (default ../shared/data), OUT (default outputs/bench_datasets),
 # TLBENCH (default .venv/bin/tlbench), PY (default .venv/bin/python), CHECK (check_run.py).
-# Takes ~10 minutes on 2 CPU cores. The numbers are small subsets + a scratch CNN: they are
+# Takes ~10 minutes of CPU time on 2 cores (longer wall time on a busy machine). The numbers are small subsets + a scratch CNN: they are
 # NOT comparable with published results on the full datasets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,22 +39,22 @@ bench() {
     cifar10)  # 5,000 train (4,500 train + 500 val) + 2,000 official test, 32x32 native
         run cifar10 -- dataset=cifar10 "dataset.root=$DATA/cifar10" trainer.max_epochs=8 ;;
     emnist)   # 8,178 train (7,360 + 818 val) + 2,350 test, 47 classes, 28x28 native
-        run emnist -- dataset=emnist "dataset.root=$DATA/emnist" dataset.split=balanced trainer.max_epochs=8 ;;
+        run emnist -- dataset=emnist "dataset.root=$DATA/emnist" dataset.split=balanced trainer.max_epochs=4 ;;
     digits)   # 3,528 PNGs (English 28 px, Thai 300 px) resized to 32; 70/15/15 stratified split
         run hwd_digit --truth-root "$DATA/handwritten_digits" --layout lang_digit -- \
             dataset=handwritten_digits "dataset.root=$DATA/handwritten_digits" dataset.task=digit \
-            model.image_size=32 trainer.max_epochs=8 ;;
+            model.image_size=32 trainer.max_epochs=6 ;;
     language)
         run hwd_language --truth-root "$DATA/handwritten_digits" --layout lang_digit -- \
             dataset=handwritten_digits "dataset.root=$DATA/handwritten_digits" dataset.task=language \
-            model.image_size=32 trainer.max_epochs=5 ;;
+            model.image_size=32 trainer.max_epochs=3 ;;
     multitask)
         run hwd_multitask --truth-root "$DATA/handwritten_digits" --layout lang_digit -- \
             dataset=handwritten_digits "dataset.root=$DATA/handwritten_digits" dataset.task=multitask \
-            model.image_size=32 trainer.max_epochs=8 ;;
+            model.image_size=32 trainer.max_epochs=6 ;;
     chest_xray)  # 186 train/ images (val carved from them) + 44 test/ images, 3 classes, resized to 64
         run chest_xray --truth-root "$DATA/chest_xray" --layout class -- \
-            dataset=chest_xray "dataset.root=$DATA/chest_xray" model.image_size=64 trainer.max_epochs=20 ;;
+            dataset=chest_xray "dataset.root=$DATA/chest_xray" model.image_size=64 trainer.max_epochs=15 ;;
     *) echo "unknown benchmark $1 (cifar10 emnist digits language multitask chest_xray)" >&2; exit 2 ;;
     esac
 }

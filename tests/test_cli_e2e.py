@@ -90,6 +90,8 @@ def test_tensorboard_scalars_every_epoch(default_run):
         assert [e.step for e in acc.Scalars(tag)] == list(range(1, EPOCHS + 1))
     assert any(t.startswith("lr/") for t in tags)
     assert "train/batch" in acc.Tags()["images"]
+    for tag in ("accuracy/val_best/label", "accuracy/test_best/label", "hparam/test_accuracy_label"):
+        assert tag in tags, tag
 
 
 def test_check_run_tool_agrees(default_run):

@@ -168,3 +168,22 @@ def test_default_experiment_reaches_95_percent(cli):
     code, run = cli()
     assert code == 0
     assert results(run)["test"]["label"]["accuracy"] >= 0.95
+
+
+def test_eval_subcommand_reproduces_test_and_val_metrics(cli, capsys):
+    from tlbench.cli import main
+
+    code, run = cli("trainer.max_epochs=2")
+    assert code == 0
+    res = results(run)
+    assert main(["eval", str(run)]) == 0
+    again = json.loads((run / "eval_test" / "results.json").read_text())
+    assert again["test"]["label"]["accuracy"] == res["test"]["label"]["accuracy"]
+    assert (run / "eval_test" / "predictions" / "label.csv").is_file()
+    assert (run / "eval_test" / "figures" / "confusion_label.png").is_file()
+    assert main(["eval", str(run), "split=val", "name=v"]) == 0
+    val = json.loads((run / "eval_v" / "results.json").read_text())
+    assert val["test"]["label"]["accuracy"] == res["val"]["label"]["accuracy"]
+    assert main(["eval", str(run), "split=bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["eval", str(run / "nope")]) == 2

@@ -84,28 +84,17 @@ def _remove(net: nn.Module, path: str) -> None:
         setattr(parent, child, nn.Identity())
 
 
-def _tail(net: nn.Module, slots: list[str]) -> set[str]:
-    """The parameter-free top-level slots at the very end (global pool, removed classifier):
-    they turn the last feature map into features and survive any cut."""
-    tail: set[str] = set()
-    for path in reversed(slots):
-        if "." in path or n_params(net.get_submodule(path)) > 0:
-            break
-        tail.add(path)
-    return tail
-
-
 def truncate(net: nn.Module, spec: Spec, name: str, keep_prefix: str | None = None) -> Spec:
-    """Cut ``net`` after block ``name``: every later slot except the final pooling/classifier
-    tail is replaced by Identity (or deleted from a ModuleList/ModuleDict). Blocks whose name starts with ``keep_prefix`` survive a cut
+    """Cut ``net`` after block ``name``: every later slot except parameter-free top-level ones
+    (pooling, flatten) is replaced by Identity (or deleted from a ModuleList/ModuleDict). Blocks whose name starts with ``keep_prefix`` survive a cut
     before them (CaiT's class-attention blocks, which pool the tokens). Returns the kept spec.
     """
     names = [n for n, _ in spec]
     k = names.index(name)
     keep = [(n, p) for n, p in spec[k + 1 :] if keep_prefix and n.startswith(keep_prefix) and not name.startswith(keep_prefix)]
     drop = [p for n, paths in spec[k + 1 :] if (n, paths) not in keep for p in paths]
-    tail = _tail(net, [p for _, paths in spec for p in paths])
-    drop = [p for p in drop if p not in tail]
+    # parameter-free top-level modules (global pool, flatten, removed classifier) always stay
+    drop = [p for p in drop if "." in p or n_params(net.get_submodule(p)) > 0]
     for path in reversed(drop):  # from the end, so ModuleList indices stay valid
         _remove(net, path)
     return spec[: k + 1] + keep
