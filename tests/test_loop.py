@@ -187,3 +187,33 @@ def test_eval_subcommand_reproduces_test_and_val_metrics(cli, capsys):
     assert main(["eval", str(run), "split=bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert main(["eval", str(run / "nope")]) == 2
+
+
+def test_cached_features_give_the_same_run_as_the_full_forward(cli, tmp_path):
+    """freeze=linear_probe: the frozen backbone's features are computed once; same numbers."""
+    code_a, a = cli("freeze=linear_probe", "trainer.max_epochs=2", run_dir=tmp_path / "a")
+    code_b, b = cli("freeze=linear_probe", "trainer.max_epochs=2", "trainer.cache_features=false",
+                    run_dir=tmp_path / "b")
+    assert code_a == code_b == 0
+    assert "computed once" in (a / "train.log").read_text()
+    assert "computed once" not in (b / "train.log").read_text()
+    ra, rb = results(a), results(b)
+    for ea, eb in zip(ra["epochs"], rb["epochs"]):
+        assert ea["train"]["loss"] == pytest.approx(eb["train"]["loss"], abs=1e-5)
+        assert ea["val"]["loss"] == pytest.approx(eb["val"]["loss"], abs=1e-5)
+    assert ra["test"]["label"]["accuracy"] == pytest.approx(rb["test"]["label"]["accuracy"], abs=0.01)
+    assert ra["params"]["trainable"] == rb["params"]["trainable"] < ra["params"]["total"]
+
+
+def test_frozen_batchnorm_statistics_do_not_change(cli, tmp_path):
+    code, run = cli("freeze=linear_probe", "trainer.max_epochs=1", "trainer.cache_features=false")
+    assert code == 0
+    first = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    from tlbench.run import build_everything, seed_everything
+
+    seed_everything(0)
+    _, model, _ = build_everything(compose_cfg("freeze=linear_probe"))
+    init = model.state_dict()
+    for k, v in first.items():
+        if k.startswith("backbone.") and ("running_" in k or "weight" in k or "bias" in k):
+            assert torch.equal(v, init[k]), f"{k} changed although the backbone is frozen"

@@ -119,6 +119,7 @@ class TrainerConfig:
     limit_eval_batches: Optional[int] = None
     progress: bool = True
     resume: Optional[str] = None  # RUN_DIR or "auto"
+    cache_features: bool = True  # frozen backbone + no augmentation: compute its features once
     deterministic: bool = True
 
 

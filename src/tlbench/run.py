@@ -104,6 +104,8 @@ def _hooks(cfg: Config, run_dir: Path, plan_box: list, tracker: Tracker, stop_af
     def train_mode(model) -> None:
         model.train()
         set_bn_eval(model, plan_box[0])
+        if backbone_frozen(model):  # a frozen feature extractor runs as in inference (no dropout)
+            model.backbone.eval()
 
     return FitHooks(save=save, log_epoch=log_epoch, before_epoch=_gradual_hook(cfg, plan_box),
                     train_mode=train_mode, stop_after=stop_after)
@@ -189,12 +191,59 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
                        grad_clip=cfg.trainer.grad_clip, progress=_progress(cfg),
                        class_weights=_class_weights(bundle, device))
     loaders = make_loaders(bundle, cfg, device)
+    if can_cache_features(cfg, model):
+        loaders = cache_features(cfg, bundle, model, opts)
     try:
         fit(state, loaders, list(bundle.tasks), opts, cfg.trainer, hooks)
         results = finish(cfg, run_dir, bundle, state, plan_box[0], loaders, opts, tracker, device, t0)
     finally:
         tracker.close()
+        model.inputs_are_features = False
     return results
+
+
+def backbone_frozen(model) -> bool:
+    return not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def can_cache_features(cfg: Config, model) -> bool:
+    """The backbone is a fixed function of the image: no trainable parameter, no random
+    augmentation, no gradual unfreezing. Then its features are computed once."""
+    return (cfg.trainer.cache_features and cfg.dataset.augment == "none" and not cfg.freeze.gradual
+            and backbone_frozen(model))
+
+
+def cache_features(cfg: Config, bundle, model, opts: LoopOptions) -> dict:
+    """Run the frozen backbone once over each split; train/evaluate the heads on the result."""
+    import copy
+    import contextlib
+
+    from torch.utils.data import DataLoader
+
+    from .data import TensorSplit
+
+    t0 = time.perf_counter()
+    model.eval()
+    cached = copy.copy(bundle)
+    limits = {"train": cfg.trainer.limit_train_batches, "val": cfg.trainer.limit_eval_batches,
+              "test": cfg.trainer.limit_eval_batches}
+    for name in ("train", "val", "test"):
+        ds = getattr(bundle, name)
+        n = len(ds) if not limits[name] else min(len(ds), limits[name] * cfg.batch_size)
+        sub = torch.utils.data.Subset(ds, range(n))
+        feats = []
+        with torch.inference_mode():
+            for x, _ in DataLoader(sub, batch_size=max(cfg.batch_size, 64), shuffle=False):
+                autocast = (torch.autocast(opts.device.type, dtype=opts.dtype) if opts.dtype
+                            else contextlib.nullcontext())
+                with autocast:
+                    feats.append(model.features(x.to(opts.device)).float().cpu())
+        labels = {t: ds.labels[t][:n] for t in bundle.tasks}
+        setattr(cached, name, TensorSplit(torch.cat(feats), labels, ds.indices[:n]))
+    model.inputs_are_features = True
+    log.info("frozen backbone: features of %d images computed once in %.1fs; the head(s) train on them",
+             sum(len(getattr(cached, s)) for s in ("train", "val", "test")), time.perf_counter() - t0)
+    return make_loaders(cached, cfg, opts.device)
 
 
 def _class_weights(bundle, device):

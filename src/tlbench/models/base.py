@@ -80,9 +80,18 @@ class TLModel(nn.Module):
             )
         else:
             self.heads_dist = None
+        self.inputs_are_features = False  # True while training on cached backbone features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features as one tensor: (B, D), or (B, 2, D) for distilled backbones."""
+        f = self.backbone(x)
+        return torch.stack(f, 1) if isinstance(f, (tuple, list)) else f
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone(x)
+        if self.inputs_are_features:
+            feats = (x[:, 0], x[:, 1]) if self.heads_dist is not None else x
+        else:
+            feats = self.backbone(x)
         if self.heads_dist is None:
             return {t: h(feats) for t, h in self.heads.items()}
         cls_f, dist_f = feats
