@@ -7,8 +7,8 @@
 #
 # Environment: DATA (default ../shared/data), OUT (default outputs/bench_datasets),
 # TLBENCH (default .venv/bin/tlbench), PY (default .venv/bin/python), CHECK (check_run.py).
-# Takes ~10 minutes of CPU time on 2 cores (longer wall time on a busy machine). The numbers are small subsets + a scratch CNN: they are
-# NOT comparable with published results on the full datasets.
+# Takes ~7.5 minutes of CPU time on 2 cores (longer wall time on a busy machine).
+# The numbers are small subsets + a scratch CNN: NOT comparable with published results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-$(cd .. && pwd)/shared/data}
@@ -18,7 +18,8 @@ PY=${PY:-.venv/bin/python}
 CHECK=${CHECK:-$(cd .. && pwd)/shared/tools/check_run.py}
 mkdir -p "$OUT"
 
-# common to every run: scratch CNN (2 stages: conv3x3 32 + pool, conv3x3 64 + pool, global avg pool), Adam 1e-3, CPU, no progress bars
+# common to every run: scratch CNN (conv3x3 32 + pool, conv3x3 64 + pool, global average pool),
+# Adam 1e-3, CPU, no progress bars
 COMMON=(model=cnn "model.channels=[32,64]" optim=adam optim.lr=1e-3 sched=none
         trainer.device=cpu trainer.batch_size=64 trainer.progress=false seed=0)
 

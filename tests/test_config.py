@@ -62,3 +62,10 @@ def test_config_is_frozen_and_typed():
     assert cfg.optim.lr == 0.05 and cfg.head.hidden == (8, 4)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0
+
+
+def test_every_typed_setting_is_overridable_even_if_the_preset_omits_it(tmp_path):
+    from tlbench.cli import compose
+
+    cfg = compose(["model=cnn", "model.truncate=stages.0", "freeze.gradual=2", "sched.min_lr=0.001"])
+    assert cfg.model.truncate == "stages.0" and cfg.freeze.gradual == 2 and cfg.sched.min_lr == 0.001

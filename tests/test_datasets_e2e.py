@@ -245,6 +245,16 @@ def test_cli_corrupt_image(cli, tmp_path, capsys):
     assert_failed(code, rd, capsys, "broken.png", "dataset.on_bad_image=skip")
 
 
+def test_cli_mixed_image_sizes_without_image_size(cli, tmp_path, capsys):
+    root = tmp_path / "pets"
+    fx.write_class_tree(root, {"cat": 6, "dog": 6})  # sizes differ per file
+    code, rd = cli("dataset=image_folder", f"dataset.root={root}", "model=cnn", "trainer.max_epochs=1",
+                   "trainer.device=cpu", "trainer.limit_train_batches=1", "dataset.val_fraction=0.25",
+                   "dataset.test_fraction=0.25")
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]  # native-size models get one fixed size for file datasets
+
+
 def test_cli_unknown_emnist_split(cli, tmp_path, capsys):
     fx.write_emnist(tmp_path / "data", "balanced")
     code, rd = cli("dataset=emnist", f"dataset.root={tmp_path / 'data'}", "dataset.split=balancd", *SMOKE)

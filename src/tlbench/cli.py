@@ -114,7 +114,7 @@ def compose(overrides: list[str]):
 
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            dcfg = hydra_compose(config_name="config", overrides=overrides)
+            dcfg = hydra_compose(config_name="config", overrides=_force_add(overrides))
         data = OmegaConf.to_container(dcfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise TlbenchError(f"bad configuration: {_hydra_message(e)}") from None
@@ -145,9 +145,38 @@ def _validate(argv: list[str]) -> None:
         compose(list(job))
 
 
+def _is_field(dotted: str) -> bool:
+    """Whether ``dotted`` names a setting of the typed Config (e.g. ``model.truncate``)."""
+    import dataclasses
+
+    from .config import Config
+
+    cls = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        f = {x.name: x for x in dataclasses.fields(cls)}.get(part)
+        if f is None:
+            return False
+        cls = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+    return True
+
+
+def _force_add(overrides: list[str]) -> list[str]:
+    """``model.truncate=x`` works even where the selected preset's YAML omits the key:
+    every setting of the typed Config is a valid override (written as Hydra's ``++key=v``)."""
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if "=" in o and "." in key and not o.startswith(("+", "~", "-", "hydra.")) and _is_field(key):
+            o = "++" + o
+        out.append(o)
+    return out
+
+
 def _resume_overrides(argv: list[str]) -> list[str]:
     """``trainer.resume=RUN_DIR``: rerun in that dir with its original overrides."""
-    res = [a for a in argv if a.startswith("trainer.resume=")]
+    res = [a for a in argv if a.lstrip("+").startswith("trainer.resume=")]
     if not res:
         return argv
     target = res[-1].split("=", 1)[1]
@@ -160,14 +189,14 @@ def _resume_overrides(argv: list[str]) -> list[str]:
     import yaml
 
     original = [o for o in yaml.safe_load(saved.read_text()) or []
-                if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
+                if not o.lstrip("+").startswith(("trainer.resume=", "hydra.run.dir="))]
     rest = [a for a in argv if a not in res]
     return original + rest + [f"trainer.resume={run_dir}", f"hydra.run.dir={run_dir}"]
 
 
 # ----------------------------------------------------------------------------- train
 def cmd_train(argv: list[str], debug: bool) -> int:
-    argv = _resume_overrides(argv)
+    argv = _force_add(_resume_overrides(argv))
     if not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
         _validate(argv)
     import hydra

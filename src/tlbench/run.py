@@ -392,7 +392,8 @@ def build_transforms_for(bundle, model):
     from .data import _native_size
     from .data.transforms import build_transforms
 
-    return build_transforms(model.backbone.input_spec, "none", _native_size(bundle.source))
+    src = bundle.source
+    return build_transforms(model.backbone.input_spec, "none", _native_size(src), isinstance(src.images, list))
 
 
 def to_config_dict(saved: dict) -> Config:

@@ -137,7 +137,7 @@ def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
         len(source), strat, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         official_test=official, seed=cfg.split_seed, stratify=cfg.stratify, pool=pool,
     )
-    train_tf, eval_tf = build_transforms(spec, cfg.augment, _native_size(source))
+    train_tf, eval_tf = build_transforms(spec, cfg.augment, _native_size(source), isinstance(source.images, list))
     datasets = {}
     for name, idx in splits.items():
         tf = train_tf if name == "train" else eval_tf

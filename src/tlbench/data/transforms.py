@@ -11,15 +11,16 @@ from torchvision import transforms as T
 from ..models.base import InputSpec
 
 
-def _size(spec: InputSpec, native: int) -> int:
-    return spec.size if spec.resize and spec.size else native
+def build_transforms(spec: InputSpec, augment: str, native_size: int,
+                     varying_sizes: bool = False) -> tuple[T.Compose, T.Compose]:
+    """Return ``(train_transform, eval_transform)`` mapping a PIL image to a tensor.
 
-
-def build_transforms(spec: InputSpec, augment: str, native_size: int) -> tuple[T.Compose, T.Compose]:
-    """Return ``(train_transform, eval_transform)`` mapping a PIL image to a tensor."""
-    size = _size(spec, native_size)
+    Models that take the native size still get a fixed size when the images' sizes may
+    differ (file datasets): the first image's size, so a batch can be stacked.
+    """
+    size = spec.size if spec.resize and spec.size else native_size
     base = []
-    if spec.resize and spec.size:
+    if (spec.resize and spec.size) or varying_sizes:
         base.append(T.Resize((size, size)))
     tail = [T.ToTensor(), T.Normalize(list(spec.mean[: spec.channels]), list(spec.std[: spec.channels]))]
     aug = []

@@ -31,6 +31,7 @@ TIMM_NAMES = {
     "deit_tiny": "deit_tiny_patch16_224",
     **{f"efficientnet_lite{i}": f"tf_efficientnet_lite{i}" for i in range(3)},
 }
+_TIMM_STAGES = ("blocks", "stages", "layers", "blocks_token_only")  # timm's stage containers
 BACKBONE_NAMES = tuple(sorted([*TORCHVISION_NAMES, *TIMM_NAMES, "torchvision", "timm"]))
 
 
@@ -44,7 +45,7 @@ class NetBackbone(Backbone):
         self.input_spec = input_spec
         self.weights_source = source
         self.num_feature_outputs = 2 if distilled else 1
-        self.feature_dim = 0  # set by build_backbone
+        self.feature_dim = 0  # set by build_backbone from a dummy forward
 
     def forward(self, x: torch.Tensor):
         if self.num_feature_outputs == 2:  # distilled DeiT: class token and distillation token
@@ -77,8 +78,7 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
         bb = _build_timm(arch, cfg)
     if cfg.truncate:
         _truncate(bb, cfg.truncate, keep_prefix="blocks_token_only" if hasattr(bb.net, "blocks_token_only") else None)
-    if cfg.truncate or not bb.feature_dim:
-        bb.feature_dim = _probe_dim(bb)
+    bb.feature_dim = _probe_dim(bb)
     if cfg.init_from:
         _load_init_from(bb, cfg.init_from)
     log.info("backbone %s: %d blocks, feature_dim %d, weights: %s", arch, len(bb.block_spec), bb.feature_dim, bb.weights_source)
@@ -110,21 +110,18 @@ def _truncate(bb: NetBackbone, name: str, keep_prefix: str | None) -> None:
 
 
 def _probe_dim(bb: NetBackbone) -> int:
-    """Feature size from a dummy forward (eval mode, small input first, then the full size)."""
+    """Feature size from a dummy forward at the input size (eval mode, no grad)."""
     was_training = bb.training
     bb.eval()
-    err: Exception | None = None
+    size = bb.input_spec.size
     try:
         with torch.no_grad():
-            for size in dict.fromkeys((min(64, bb.input_spec.size), bb.input_spec.size)):
-                try:
-                    out = bb(torch.zeros(1, bb.input_spec.channels, size, size))
-                    return int((out[0] if isinstance(out, tuple) else out).shape[-1])
-                except Exception as e:  # too small for this architecture
-                    err = e
+            out = bb(torch.zeros(1, bb.input_spec.channels, size, size))
+    except Exception as e:  # input too small for this architecture/truncation
+        raise TlbenchError(f"a dummy forward at input size {size} failed ({e}); check model.image_size/truncate") from e
     finally:
         bb.train(was_training)
-    raise TlbenchError(f"a dummy forward at input size {bb.input_spec.size} failed ({err}); check model.image_size/truncate")
+    return int((out[0] if isinstance(out, tuple) else out).shape[-1])
 
 
 def _load_init_from(bb: NetBackbone, run_dir: str) -> None:
@@ -150,7 +147,7 @@ def _build_torchvision(arch: str, cfg: ModelConfig) -> NetBackbone:
         sd, source = weights.load_file(cfg.weights), f"file {cfg.weights}"
     elif cfg.pretrained and not cfg.init_from:
         sd, source = weights.torchvision_state_dict(arch, cfg.name if cfg.name != "torchvision" else f"torchvision model.arch={arch}")
-    net = torchvision.models.get_model(arch, weights=None, **_tv_kwargs(arch, cfg, sd is not None))
+    net = _new_tv_net(arch, _tv_kwargs(arch, cfg, sd is not None))
     cls_path = _last_classifier(net, arch)
     if sd is not None:
         _load_tv(net, sd, arch, cls_path, cfg)
@@ -160,6 +157,25 @@ def _build_torchvision(arch: str, cfg: ModelConfig) -> NetBackbone:
     expand = ("features.denseblock4",) if arch.startswith("densenet") else ()
     spec = stages.group_slots(net, stages.find_slots(net, skip=skip, expand=expand))
     return NetBackbone(net, spec, _tv_input_spec(arch, cfg), source)
+
+
+def _new_tv_net(arch: str, kwargs: dict) -> nn.Module:
+    """``get_model(arch)``; VGG's 120M-parameter classifier MLP (dropped anyway) is never allocated."""
+    import torchvision
+
+    if not arch.startswith("vgg"):
+        return torchvision.models.get_model(arch, weights=None, **kwargs)
+    with torch.device("meta"):
+        net = torchvision.models.get_model(arch, weights=None, **kwargs)
+    net.classifier = nn.Identity()
+    net.to_empty(device="cpu")
+    for m in net.modules():  # torchvision's VGG init
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+    return net
 
 
 def _tv_kwargs(arch: str, cfg: ModelConfig, pretrained: bool) -> dict:
@@ -189,8 +205,9 @@ def _load_tv(net: nn.Module, sd: dict, arch: str, cls_path: str, cfg: ModelConfi
         from torchvision.models.vision_transformer import interpolate_embeddings
 
         sd = interpolate_embeddings(cfg.image_size, net.patch_size, sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith(cls_path + ".")}  # the ImageNet logits layer
     missing, unexpected = net.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith(cls_path + ".")]
+    missing = [k for k in missing if not k.startswith(cls_path + ".") and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise TlbenchError(
             f"the weights do not fit torchvision {arch}: missing {missing[:4]}, unexpected {unexpected[:4]}; "
@@ -266,13 +283,11 @@ def _build_timm(arch: str, cfg: ModelConfig) -> NetBackbone:
     net.pretrained_cfg.pop("state_dict", None)  # don't keep a second copy of the weights around
     pc = net.pretrained_cfg
     size = cfg.image_size or int(pc.get("input_size", (3, 224, 224))[-1])
-    spec = stages.group_slots(net, stages.find_slots(net, expand=("blocks_token_only",)))
+    spec = stages.group_slots(net, stages.find_slots(net, expand=_TIMM_STAGES))
     if hasattr(net, "patch_embed"):  # ViTs: the transformer blocks only (stem, tokens stay outside)
         spec = [(n, p) for n, p in spec if not any(q.startswith("patch_embed") for q in p)]
     distilled = "distilled" in arch
-    bb = NetBackbone(net, spec, _spec(size, cfg.in_chans, pc.get("mean"), pc.get("std")), source, distilled)
-    bb.feature_dim = int(net.num_features)
-    return bb
+    return NetBackbone(net, spec, _spec(size, cfg.in_chans, pc.get("mean"), pc.get("std")), source, distilled)
 
 
 def _timm_weights(arch: str, cfg: ModelConfig):

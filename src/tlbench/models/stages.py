@@ -86,8 +86,9 @@ def _remove(net: nn.Module, path: str) -> None:
 
 def truncate(net: nn.Module, spec: Spec, name: str, keep_prefix: str | None = None) -> Spec:
     """Cut ``net`` after block ``name``: every later slot except parameter-free top-level ones
-    (pooling, flatten) is replaced by Identity (or deleted from a ModuleList/ModuleDict). Blocks whose name starts with ``keep_prefix`` survive a cut
-    before them (CaiT's class-attention blocks, which pool the tokens). Returns the kept spec.
+    (pooling, flatten) is replaced by Identity (or deleted from a ModuleList/ModuleDict).
+    Blocks whose name starts with ``keep_prefix`` survive a cut before them (CaiT's
+    class-attention blocks, which pool the tokens). Returns the kept spec.
     """
     names = [n for n, _ in spec]
     k = names.index(name)
