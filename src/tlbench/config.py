@@ -124,6 +124,12 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    skip_finished: bool = True  # multirun: skip jobs whose config already finished in this sweep dir;
+    # resume jobs that left a last.pt but no results.json
+
+
+@dataclass(frozen=True)
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,6 +138,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     experiment: Optional[str] = None  # name of the preset, informational
 
@@ -279,5 +286,6 @@ def config_hash(cfg: Config) -> str:
     d = to_dict(cfg)
     d["trainer"].pop("resume", None)
     d["trainer"].pop("progress", None)
+    d.pop("sweep", None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

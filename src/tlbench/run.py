@@ -202,6 +202,24 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
     return results
 
 
+def sweep_job(cfg: Config, run_dir: Path, sweep_dir: Path):
+    """Relaunching a sweep: a job whose config already finished somewhere in ``sweep_dir`` is
+    skipped (its results are returned); a job dir with ``last.pt`` but no results resumes."""
+    import dataclasses
+    import json
+
+    want = config_hash(cfg)
+    for other in sorted(Path(sweep_dir).rglob("config_hash")):
+        done = other.parent / "results.json"
+        if other.read_text().strip() == want and done.is_file():
+            log.info("skipping: this config (hash %s) already finished in %s", want, other.parent)
+            return cfg, json.loads(done.read_text())
+    if (run_dir / "checkpoints" / "last.pt").is_file() and not cfg.trainer.resume:
+        log.info("resuming the unfinished job in %s", run_dir)
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume="auto"))
+    return cfg, None
+
+
 def backbone_frozen(model) -> bool:
     return not any(p.requires_grad for p in model.backbone.parameters())
 

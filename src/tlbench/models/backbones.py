@@ -126,11 +126,15 @@ def _probe_dim(bb: NetBackbone) -> int:
 
 def _load_init_from(bb: NetBackbone, run_dir: str) -> None:
     sd, source = weights.init_from_state_dict(run_dir)
-    missing, unexpected = bb.load_state_dict(sd, strict=False)
+    hint = "use the same model.name/arch/truncate/in_chans as that run"
+    try:
+        missing, unexpected = bb.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise TlbenchError(f"model.init_from={run_dir!r}: that run's backbone does not match this one; {hint}") from e
     if missing or unexpected:
         raise TlbenchError(
             f"model.init_from={run_dir!r}: that run's backbone does not match this one "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); use the same model.name/arch/truncate as that run"
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); {hint}"
         )
     bb.weights_source = source
 
