@@ -232,3 +232,10 @@ def test_lite0_pretrained_is_real():
     assert top["flower.jpg"][0] == 985  # daisy
     buildings = {483, 442, 698, 832, 449, 668, 497, 663}  # castle, bell cote, palace, stupa, boathouse, mosque, church, monastery
     assert top["china.jpg"][0] in buildings
+
+
+def test_map_by_position_checks_every_shape():
+    src = {"_a.weight": torch.zeros(2, 3), "_a.bias": torch.zeros(2)}
+    assert list(weights.map_by_position(src, {"a.weight": torch.ones(2, 3), "a.bias": torch.ones(2)}, "x")) == ["a.weight", "a.bias"]
+    with pytest.raises(TlbenchError, match=r"_a.bias has shape \(2,\) but the model's a.bias has \(3,\)"):
+        weights.map_by_position(src, {"a.weight": torch.ones(2, 3), "a.bias": torch.ones(3)}, "x")

@@ -124,6 +124,14 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    topk: tuple[int, ...] = (1, 3)  # top-k accuracies reported (k < number of classes)
+    bootstrap: int = 0  # resamples for 95% bootstrap CIs of accuracy and macro F1 (0 = off)
+    positive_class: Optional[str] = None  # binary tasks: the positive class name (default: the second)
+    calibration_bins: int = 15  # bins of the expected calibration error and reliability diagram
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     skip_finished: bool = True  # multirun: skip jobs whose config already finished in this sweep dir;
     # resume jobs that left a last.pt but no results.json
@@ -139,6 +147,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     experiment: Optional[str] = None  # name of the preset, informational
 
@@ -264,6 +273,10 @@ def validate(cfg: Config) -> Config:
     _check_choice("freeze.bn", cfg.freeze.bn, ("eval", "train"))
     _check_range("freeze.gradual", cfg.freeze.gradual, 0)
     _check_range("head.dropout", cfg.head.dropout, 0.0, 1.0)
+    _check_range("eval.bootstrap", cfg.eval.bootstrap, 0)
+    _check_range("eval.calibration_bins", cfg.eval.calibration_bins, 1)
+    for k in cfg.eval.topk:
+        _check_range("eval.topk", k, 1)
     _check_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
     _check_range("model.image_size", cfg.model.image_size, 8)
     _check_choice("model.in_chans", cfg.model.in_chans, (1, 3))

@@ -10,10 +10,11 @@ import numpy as np
 from sklearn import metrics as skm
 
 
-def compute_metrics(targets, preds, probs, class_names: list[str], topk=(1, 3)) -> dict:
-    """Accuracy, top-k, macro/weighted P/R/F1, per-class P/R/F1/support, log-loss, confusion.
-
-    For binary tasks also sensitivity/specificity (class 1 positive) and ROC-AUC/PR-AUC.
+def compute_metrics(targets, preds, probs, class_names: list[str], topk=(1, 3), positive: int = 1,
+                    bootstrap: int = 0, bins: int = 15, seed: int = 0) -> dict:
+    """Accuracy, top-k, macro/weighted P/R/F1, per-class P/R/F1/support, log-loss, confusion,
+    expected calibration error; for binary tasks also sensitivity/specificity (``positive`` is
+    the positive class index) and ROC-AUC/PR-AUC; optional bootstrap 95% CIs.
     """
     y, p, prob = np.asarray(targets), np.asarray(preds), np.asarray(probs, dtype=np.float64)
     k = len(class_names)
@@ -34,9 +35,50 @@ def compute_metrics(targets, preds, probs, class_names: list[str], topk=(1, 3)) 
     clipped = np.clip(prob, 1e-15, 1.0)
     out["log_loss"] = float(-np.mean(np.log(clipped[np.arange(len(y)), y]))) if len(y) else 0.0
     out["confusion_matrix"] = skm.confusion_matrix(y, p, labels=labels).tolist()
+    out["ece"] = expected_calibration_error(y, prob, bins)
     if k == 2:
-        out.update(_binary(y, p, prob[:, 1]))
+        out.update(_binary((y == positive).astype(int), (p == positive).astype(int), prob[:, positive]))
+        out["positive_class"] = class_names[positive]
+    if bootstrap and len(y):
+        out["bootstrap_ci95"] = bootstrap_ci(y, p, k, bootstrap, seed)
     return out
+
+
+def expected_calibration_error(y, prob, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    if not len(y):
+        return 0.0
+    conf, pred = prob.max(1), prob.argmax(1)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(np.mean(pred[m] == y[m]) - np.mean(conf[m]))
+    return float(ece)
+
+
+def reliability(y, prob, bins: int = 15):
+    """(bin centers, accuracy per bin, confidence per bin, count per bin) for a diagram."""
+    conf, pred = prob.max(1), prob.argmax(1)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    acc = np.array([np.mean(pred[idx == b] == y[idx == b]) if np.any(idx == b) else np.nan for b in range(bins)])
+    cnf = np.array([np.mean(conf[idx == b]) if np.any(idx == b) else np.nan for b in range(bins)])
+    cnt = np.bincount(idx, minlength=bins)
+    return (edges[:-1] + edges[1:]) / 2, acc, cnf, cnt
+
+
+def bootstrap_ci(y, p, k: int, n: int, seed: int = 0) -> dict:
+    """Percentile 95% CIs of accuracy and macro F1 over ``n`` resamples of the items."""
+    rng = np.random.default_rng(seed)
+    accs, f1s = [], []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        accs.append(np.mean(y[i] == p[i]))
+        f1s.append(skm.f1_score(y[i], p[i], labels=list(range(k)), average="macro", zero_division=0))
+    q = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]  # noqa: E731
+    return {"accuracy": q(accs), "macro_f1": q(f1s), "resamples": n}
 
 
 def _binary(y, p, score) -> dict:

@@ -295,8 +295,22 @@ def evaluate_split(model, loader, tasks, opts, limit=None) -> dict:
     return run_epoch(model, loader, tasks, opts, limit=limit, desc="eval", collect=True).collected
 
 
-def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, prefix: str = "") -> dict:
+def _positive(task: str, names: list[str], ecfg) -> int:
+    if len(names) != 2 or ecfg is None or ecfg.positive_class is None:
+        return 1
+    if ecfg.positive_class not in names:
+        raise TlbenchError(f"eval.positive_class={ecfg.positive_class!r} is not a class of task {task!r}; "
+                           f"choose one of {names}")
+    return names.index(ecfg.positive_class)
+
+
+def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, prefix: str = "",
+                 ecfg=None) -> dict:
     """Write predictions/reports/figures of one split; return ``{task: metrics}``."""
+    from .config import EvalConfig
+    from .tracking import log_test_figures
+
+    ecfg = ecfg or EvalConfig()
     out = {}
     idx = getattr(bundle, split).indices
     sub = "" if split == "test" else f"{split}/"
@@ -305,12 +319,15 @@ def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, pr
         indices = idx[: len(c["targets"])]
         write_predictions(run_dir / f"{prefix}predictions" / f"{sub}{task}.csv", indices, c["targets"],
                           c["preds"], c["probs"], names, bundle.source.relpaths)
-        m = compute_metrics(c["targets"], c["preds"], c["probs"], names)
+        m = compute_metrics(c["targets"], c["preds"], c["probs"], names, topk=ecfg.topk,
+                            positive=_positive(task, names, ecfg), bootstrap=ecfg.bootstrap,
+                            bins=ecfg.calibration_bins)
         m["loss"] = m["log_loss"]
         out[task] = m
         if split == "test":
             write_report(run_dir, task, c["targets"], c["preds"], names, prefix)
             save_confusion(run_dir, task, m["confusion_matrix"], names, tracker, prefix)
+            log_test_figures(run_dir, task, c, names, getattr(bundle, "test"), tracker, ecfg, prefix)
     return out
 
 
@@ -319,9 +336,10 @@ def finish(cfg, run_dir, bundle, state, plan, loaders, opts, tracker, device, t0
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt", map_location=device)
     state.model.load_state_dict(best["model"])
     tasks, lim = list(bundle.tasks), cfg.trainer.limit_eval_batches
-    val = report_split(run_dir, "val", evaluate_split(state.model, loaders["val"], tasks, opts, lim), bundle, None)
+    val = report_split(run_dir, "val", evaluate_split(state.model, loaders["val"], tasks, opts, lim), bundle,
+                       None, ecfg=cfg.eval)
     test = report_split(run_dir, "test", evaluate_split(state.model, loaders["test"], tasks, opts, lim),
-                        bundle, tracker)
+                        bundle, tracker, ecfg=cfg.eval)
     hist = state.history
     results = {
         "tlbench_version": __version__, "config_hash": config_hash(cfg), "dataset": cfg.dataset.name,
@@ -396,7 +414,8 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     elif split != "test":
         bundle.test = getattr(bundle, split)
     loader = make_loaders(bundle, cfg, device)["test"]
-    metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None)
+    metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
+                           ecfg=cfg.eval)
     write_json(out / "results.json", {
         "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
         "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],

@@ -128,3 +128,48 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
     os.replace(tmp, path)
+
+
+def log_test_figures(run_dir: Path, task: str, c: dict, names, dataset, tracker, ecfg, prefix: str = "") -> None:
+    """Reliability diagram (PNG + TensorBoard), PR curve for binary tasks, misclassified grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import reliability
+
+    y, p, prob = np.asarray(c["targets"]), np.asarray(c["preds"]), np.asarray(c["probs"])
+    centers, acc, conf, cnt = reliability(y, prob, ecfg.calibration_bins)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.bar(centers, np.nan_to_num(acc), width=1.0 / len(centers), edgecolor="black", alpha=0.7, label="accuracy")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{task}: reliability (test)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+    fig.savefig(run_dir / "figures" / f"{prefix}reliability_{task}.png", dpi=100)
+    if tracker:
+        tracker.figure(f"reliability/{task}", fig)
+    plt.close(fig)
+    if tracker and tracker.writer:
+        if len(names) == 2:
+            tracker.writer.add_pr_curve(f"pr_curve/{task}", y, prob[:, 1], 0)
+        _misclassified_grid(task, y, p, dataset, tracker)
+
+
+def _misclassified_grid(task, y, p, dataset, tracker, n: int = 32) -> None:
+    import torch
+    import torchvision
+
+    wrong = np.flatnonzero(y != p)[:n]
+    if not len(wrong) or dataset is None:
+        return
+    with torch.random.fork_rng():
+        x = torch.stack([dataset[int(i)][0] for i in wrong]).cpu().float()
+    if x.dim() != 4:  # cached features, not images
+        return
+    x = (x - x.amin()) / (x.amax() - x.amin() + 1e-8)
+    tracker.image(f"misclassified/{task}", torchvision.utils.make_grid(x, nrow=8), 0)
