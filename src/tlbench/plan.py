@@ -27,7 +27,12 @@ def plan_data(model, plan: FreezePlan) -> dict:
         "heads": {t: sum(p.numel() for p in h.parameters()) for t, h in model.heads.items()},
         "params": {"total": plan.total, "trainable": plan.trainable_count},
         "groups": [
-            {"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "n_params": sum(p.numel() for p in g["params"])}
+            {
+                "name": g["name"],
+                "lr": g["lr"],
+                "weight_decay": g["weight_decay"],
+                "n_params": sum(p.numel() for p in g["params"]),
+            }
             for g in plan.groups
         ],
         "bn_eval": plan.bn_eval,
@@ -65,11 +70,15 @@ def plan_report(model, plan: FreezePlan, as_json: bool = False) -> str:
     for task, n in d["heads"].items():
         lines.append(f"{'':>3}  {'head ' + task:<40} {_fmt(n):>12}")
     total, trainable = d["params"]["total"], d["params"]["trainable"]
-    lines += ["", f"parameters: {_fmt(total)} total, {_fmt(trainable)} trainable ({100 * trainable / max(total, 1):.2f} %)", ""]
+    share = 100 * trainable / max(total, 1)
+    lines += ["", f"parameters: {_fmt(total)} total, {_fmt(trainable)} trainable ({share:.2f} %)", ""]
     lines.append("optimizer groups:")
     for g in d["groups"]:
-        lines.append(f"  {g['name']:<40} lr {g['lr']:.3g}  weight_decay {g['weight_decay']:g}  ({_fmt(g['n_params'])} params)")
+        lines.append(
+            f"  {g['name']:<40} lr {g['lr']:.3g}  weight_decay {g['weight_decay']:g}  ({_fmt(g['n_params'])} params)"
+        )
     bn = d["bn_eval"]
     lines.append("")
-    lines.append(f"BatchNorm kept in eval: {len(bn)}" + (f" ({', '.join(bn[:4])}{', ...' if len(bn) > 4 else ''})" if bn else ""))
+    shown = f" ({', '.join(bn[:4])}{', ...' if len(bn) > 4 else ''})" if bn else ""
+    lines.append(f"BatchNorm kept in eval: {len(bn)}{shown}")
     return "\n".join(lines)

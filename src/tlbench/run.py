@@ -446,3 +446,25 @@ def plan_text(cfg: Config, as_json: bool) -> str:
     seed_everything(cfg.seed)
     _, model, plan = build_everything(cfg)
     return plan_report(model, plan, as_json)
+
+
+def download(cfg: Config) -> list[str]:
+    """``tlbench download``: fetch the model's pretrained weights and the dataset into their
+    caches/roots (on a machine with network, for compute nodes that have none)."""
+    import dataclasses
+
+    from .data import load_source
+    from .models import SCRATCH
+
+    done = []
+    if cfg.model.name not in SCRATCH:
+        from .models.backbones import download_weights
+
+        done.append(f"weights for model={cfg.model.name}: {download_weights(cfg.model)}")
+    if cfg.dataset.name in ("cifar10", "emnist"):
+        src = load_source(dataclasses.replace(cfg.dataset, download=True))
+        done.append(f"dataset={cfg.dataset.name}: {len(src)} images in {cfg.dataset.root}")
+    elif cfg.dataset.name != "sklearn_digits":
+        done.append(f"dataset={cfg.dataset.name} has no downloader: put the folders under "
+                    f"{cfg.dataset.root} (docs/datasets.md says where to get them)")
+    return done

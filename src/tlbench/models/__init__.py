@@ -15,7 +15,13 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     """Scratch models here; torchvision/timm/EfficientNet-Lite adapters in backbones.py."""
     if cfg.name in SCRATCH:
         return SCRATCH[cfg.name](cfg)
+    from ..errors import TlbenchError, choices
+    from .backbones import BACKBONE_NAMES
     from .backbones import build_backbone as build_pretrainable
+
+    if cfg.name not in BACKBONE_NAMES:
+        raise TlbenchError(f"model.name={cfg.name!r} is not a known model; choose one of "
+                           f"{choices([*SCRATCH, *BACKBONE_NAMES])} (tlbench list models)")
 
     return build_pretrainable(cfg)
 

@@ -81,7 +81,8 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     bb.feature_dim = _probe_dim(bb)
     if cfg.init_from:
         _load_init_from(bb, cfg.init_from)
-    log.info("backbone %s: %d blocks, feature_dim %d, weights: %s", arch, len(bb.block_spec), bb.feature_dim, bb.weights_source)
+    log.info("backbone %s: %d blocks, feature_dim %d, weights: %s",
+             arch, len(bb.block_spec), bb.feature_dim, bb.weights_source)
     return bb
 
 
@@ -100,6 +101,11 @@ def _resolve_arch(cfg: ModelConfig) -> str:
             f"drop model.arch, or use model.name=torchvision/timm with model.arch={cfg.arch}"
         )
     return named[cfg.name]
+
+
+def _display(cfg: ModelConfig, arch: str) -> str:
+    """How the user names this model on the command line (for hints)."""
+    return f"{cfg.name} model.arch={arch}" if cfg.name in ("torchvision", "timm") else cfg.name
 
 
 def _truncate(bb: NetBackbone, name: str, keep_prefix: str | None) -> None:
@@ -145,12 +151,14 @@ def _build_torchvision(arch: str, cfg: ModelConfig) -> NetBackbone:
 
     valid = torchvision.models.list_models(module=torchvision.models)
     if arch not in valid:
-        raise TlbenchError(f"model.arch={arch!r} is not a torchvision classification model; choose one of {choices(valid)}")
+        raise TlbenchError(
+            f"model.arch={arch!r} is not a torchvision classification model; choose one of {choices(valid)}"
+        )
     sd, source = None, "random init"
     if cfg.weights:
         sd, source = weights.load_file(cfg.weights), f"file {cfg.weights}"
     elif cfg.pretrained and not cfg.init_from:
-        sd, source = weights.torchvision_state_dict(arch, cfg.name if cfg.name != "torchvision" else f"torchvision model.arch={arch}")
+        sd, source = weights.torchvision_state_dict(arch, _display(cfg, arch))
     net = _new_tv_net(arch, _tv_kwargs(arch, cfg, sd is not None))
     cls_path = _last_classifier(net, arch)
     if sd is not None:
@@ -203,7 +211,9 @@ def _last_classifier(net: nn.Module, arch: str) -> str:
 
 def _load_tv(net: nn.Module, sd: dict, arch: str, cls_path: str, cfg: ModelConfig) -> None:
     if arch.startswith("densenet"):  # torchvision's legacy key names (denselayer1.norm.1 -> norm1)
-        pat = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+        pat = re.compile(
+            r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+        )
         sd = {(pat.sub(r"\1\2", k)): v for k, v in sd.items()}
     if arch.startswith("vit_") and cfg.image_size and "encoder.pos_embedding" in sd:
         from torchvision.models.vision_transformer import interpolate_embeddings
@@ -273,9 +283,10 @@ def _build_timm(arch: str, cfg: ModelConfig) -> NetBackbone:
             f"model.arch={arch!r} is not a timm model; close names: {', '.join(close) or 'none'} "
             "(all names: python -c \"import timm; print(timm.list_models('*vit*'))\")"
         )
-    fixed = bool(timm.models.get_pretrained_cfg(arch) and timm.models.get_pretrained_cfg(arch).fixed_input_size)
+    declared = timm.models.get_pretrained_cfg(arch)
     kwargs: dict = dict(num_classes=0, in_chans=cfg.in_chans)
-    if cfg.image_size and fixed:  # ViTs: position embeddings for this size (resampled when pretrained)
+    if cfg.image_size and declared is not None and declared.fixed_input_size:
+        # ViTs: position embeddings for this size (timm resamples pretrained ones)
         kwargs["img_size"] = cfg.image_size
     sd, source = _timm_weights(arch, cfg)
     if sd is not None:
@@ -307,10 +318,29 @@ def _timm_weights(arch: str, cfg: ModelConfig):
     elif not cfg.pretrained or cfg.init_from:
         return None, "random init"
     elif not lite:
-        return weights.timm_state_dict(timm.models.get_pretrained_cfg(arch).to_dict(), cfg.name)
+        declared = timm.models.get_pretrained_cfg(arch)
+        if declared is None:
+            raise TlbenchError(f"timm declares no pretrained weights for {arch}; set model.pretrained=false")
+        return weights.timm_state_dict(declared.to_dict(), _display(cfg, arch))
     with torch.device("meta"):  # names and shapes only
         target = timm.create_model(arch).state_dict()
     m = re.search(r"lite(\d)", arch)
     variant = int(m.group(1)) if m else 0
     sd, lite_source = weights.efficientnet_lite_state_dict(variant, target, src)
     return sd, source if src is not None else lite_source
+
+
+def download_weights(cfg: ModelConfig) -> str:
+    """Fetch ``cfg``'s pretrained weights into the library cache (``tlbench download``); returns
+    where they are. Needs network unless they are cached already (HF_HUB_OFFLINE/TLBENCH_OFFLINE off)."""
+    import timm
+
+    arch = _resolve_arch(cfg)
+    if cfg.name in TORCHVISION_NAMES or cfg.name == "torchvision":
+        return weights.torchvision_state_dict(arch, _display(cfg, arch))[1]
+    if cfg.name.startswith("efficientnet_lite"):
+        return str(weights.efficientnet_lite_file(int(arch[-1])))
+    declared = timm.models.get_pretrained_cfg(arch) if timm.is_model(arch) else None
+    if declared is None:
+        raise TlbenchError(f"model.arch={arch!r}: timm declares no pretrained weights for it")
+    return weights.timm_state_dict(declared.to_dict(), _display(cfg, arch))[1]

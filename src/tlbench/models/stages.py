@@ -92,7 +92,8 @@ def truncate(net: nn.Module, spec: Spec, name: str, keep_prefix: str | None = No
     """
     names = [n for n, _ in spec]
     k = names.index(name)
-    keep = [(n, p) for n, p in spec[k + 1 :] if keep_prefix and n.startswith(keep_prefix) and not name.startswith(keep_prefix)]
+    survives = keep_prefix is not None and not name.startswith(keep_prefix)
+    keep = [(n, p) for n, p in spec[k + 1 :] if survives and n.startswith(keep_prefix)]
     drop = [p for n, paths in spec[k + 1 :] if (n, paths) not in keep for p in paths]
     # parameter-free top-level modules (global pool, flatten, removed classifier) always stay
     drop = [p for p in drop if "." in p or n_params(net.get_submodule(p)) > 0]

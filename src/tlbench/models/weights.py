@@ -55,7 +55,9 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise TlbenchError(f"model.weights={str(path)!r}: no such file; give the path of a .pth, .pt or .safetensors file")
+        raise TlbenchError(
+            f"model.weights={str(path)!r}: no such file; give the path of a .pth, .pt or .safetensors file"
+        )
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file as st_load
