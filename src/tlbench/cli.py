@@ -98,7 +98,6 @@ def _unknown_key(dotted: str) -> str:
     parts = dotted.split(".")
     cls, where = Config, ""
     for p in parts[:-1]:
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
         sub = next((f.default_factory for f in dataclasses.fields(cls) if f.name == p
                     and f.default_factory is not dataclasses.MISSING), None)
         if sub is None:
@@ -280,7 +279,7 @@ def cmd_list(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from .run import evaluate_run
+    from .evaluate import evaluate_run
 
     if not argv or "=" in argv[0]:
         raise TlbenchError("usage: tlbench eval RUN_DIR [split=test|val|train] [name=NAME] [dataset.KEY=VALUE ...]")

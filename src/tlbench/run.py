@@ -22,12 +22,12 @@ from .checkpoint import save_atomic
 from .config import Config, config_hash, to_dict
 from .data import build_data
 from .data.loaders import make_loaders
-from .engine import FitHooks, LoopOptions, TrainState, amp_dtype, fit, run_epoch, select_device
+from .engine import FitHooks, LoopOptions, TrainState, amp_dtype, fit, select_device
 from .errors import TlbenchError
-from .metrics import compute_metrics
 from .models import build_backbone, build_model
 from .optim import build_optimizer, build_scheduler
-from .tracking import Tracker, ensure_log_file, save_confusion, write_json, write_predictions, write_report
+from .evaluate import evaluate_split, report_split
+from .tracking import Tracker, ensure_log_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -289,48 +289,6 @@ def _log_batch_grid(bundle, tracker: Tracker) -> None:
     tracker.image("train/batch", torchvision.utils.make_grid(x, nrow=8), 0)
 
 
-def evaluate_split(model, loader, tasks, opts, limit=None) -> dict:
-    """Predictions of ``model`` on one split: ``{task: {targets, preds, probs}}``."""
-    model.eval()
-    return run_epoch(model, loader, tasks, opts, limit=limit, desc="eval", collect=True).collected
-
-
-def _positive(task: str, names: list[str], ecfg) -> int:
-    if len(names) != 2 or ecfg is None or ecfg.positive_class is None:
-        return 1
-    if ecfg.positive_class not in names:
-        raise TlbenchError(f"eval.positive_class={ecfg.positive_class!r} is not a class of task {task!r}; "
-                           f"choose one of {names}")
-    return names.index(ecfg.positive_class)
-
-
-def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, prefix: str = "",
-                 ecfg=None) -> dict:
-    """Write predictions/reports/figures of one split; return ``{task: metrics}``."""
-    from .config import EvalConfig
-    from .tracking import log_test_figures
-
-    ecfg = ecfg or EvalConfig()
-    out = {}
-    idx = getattr(bundle, split).indices
-    sub = "" if split == "test" else f"{split}/"
-    for task, c in collected.items():
-        names = bundle.tasks[task]
-        indices = idx[: len(c["targets"])]
-        write_predictions(run_dir / f"{prefix}predictions" / f"{sub}{task}.csv", indices, c["targets"],
-                          c["preds"], c["probs"], names, bundle.source.relpaths)
-        m = compute_metrics(c["targets"], c["preds"], c["probs"], names, topk=ecfg.topk,
-                            positive=_positive(task, names, ecfg), bootstrap=ecfg.bootstrap,
-                            bins=ecfg.calibration_bins)
-        m["loss"] = m["log_loss"]
-        out[task] = m
-        if split == "test":
-            write_report(run_dir, task, c["targets"], c["preds"], names, prefix)
-            save_confusion(run_dir, task, m["confusion_matrix"], names, tracker, prefix)
-            log_test_figures(run_dir, task, c, names, getattr(bundle, "test"), tracker, ecfg, prefix)
-    return out
-
-
 def finish(cfg, run_dir, bundle, state, plan, loaders, opts, tracker, device, t0) -> dict:
     """Load the best checkpoint, evaluate val and (once) test, write results.json."""
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt", map_location=device)
@@ -375,68 +333,6 @@ def _final_scalars(cfg: Config, results: dict, tracker: Tracker) -> None:
         else:
             flat[group] = values
     tracker.hparams(flat, metrics)
-
-
-def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optional[str] = None) -> Path:
-    """Re-evaluate a run's best checkpoint on one split (optionally of another dataset root
-    with the same classes) into ``run_dir/eval_<name>/`` with the same file contract."""
-    import dataclasses
-
-    from .config import DatasetConfig, _from_dict, validate
-
-    if split not in ("train", "val", "test", "all"):
-        raise TlbenchError(f"split={split!r} is not valid; choose one of 'train', 'val', 'test', 'all'")
-    run_dir = Path(run_dir)
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    saved = ckpt["config"]
-    ds = _from_dict(DatasetConfig, {**saved["dataset"], **dataset_updates}, "dataset")
-    cfg = validate(dataclasses.replace(to_config_dict(saved), dataset=ds))
-    out = run_dir / f"eval_{name or split}"
-    out.mkdir(parents=True, exist_ok=True)
-    ensure_log_file(out, "eval.log")
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    bundle, model, plan = build_everything(cfg)
-    if ckpt.get("tasks") and bundle.tasks != ckpt["tasks"]:
-        raise TlbenchError(
-            f"the evaluation data has other classes than the run was trained on: {bundle.tasks} "
-            f"vs {ckpt['tasks']}; point dataset.root at data with the same class folders"
-        )
-    model.load_state_dict(ckpt["model"])
-    device = select_device(cfg.trainer.device)
-    model.to(device)
-    opts = LoopOptions(device=device, progress=_progress(cfg))
-    if split == "all":  # every item of the source, e.g. a held-out folder
-        from .data import SplitDataset
-
-        _, eval_tf = build_transforms_for(bundle, model)
-        bundle.test = SplitDataset(bundle.source, range(len(bundle.source)), list(bundle.tasks), eval_tf)
-        bundle.splits = {"test": list(range(len(bundle.source)))}
-    elif split != "test":
-        bundle.test = getattr(bundle, split)
-    loader = make_loaders(bundle, cfg, device)["test"]
-    metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
-                           ecfg=cfg.eval)
-    write_json(out / "results.json", {
-        "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
-        "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],
-        "params": {"total": plan.total, "trainable": plan.trainable_count}, "test": metrics,
-    })
-    write_json(out / "splits.json", bundle.splits)
-    return out
-
-
-def build_transforms_for(bundle, model):
-    from .data import _native_size
-    from .data.transforms import build_transforms
-
-    src = bundle.source
-    return build_transforms(model.backbone.input_spec, "none", _native_size(src), isinstance(src.images, list))
-
-
-def to_config_dict(saved: dict) -> Config:
-    from .config import to_config
-
-    return to_config(saved)
 
 
 def plan_text(cfg: Config, as_json: bool) -> str:
