@@ -14,6 +14,13 @@ SCRATCH = {"cnn": ScratchCNN, "mlp": ScratchMLP}
 def build_backbone(cfg: ModelConfig) -> Backbone:
     """Scratch models here; torchvision/timm/EfficientNet-Lite adapters in backbones.py."""
     if cfg.name in SCRATCH:
+        from ..errors import TlbenchError
+
+        unused = [k for k in ("truncate", "weights", "init_from") if getattr(cfg, k)] + (
+            ["pretrained"] if cfg.pretrained else [])
+        if unused:
+            raise TlbenchError(f"model.{unused[0]} does not apply to the from-scratch model {cfg.name!r}; "
+                               "remove it, or choose a torchvision/timm backbone (tlbench list models)")
         return SCRATCH[cfg.name](cfg)
     from ..errors import TlbenchError, choices
     from .backbones import BACKBONE_NAMES
