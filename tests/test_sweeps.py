@@ -35,3 +35,34 @@ def test_relaunch_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
     calls.clear()
     assert _sweep(tmp_path, "sweep.skip_finished=false") == 0
     assert [c[0] for c in calls] == [0.01, 0.001]
+
+
+def _plugin(name):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is not installed (pip install tlbench[sweep])")
+
+
+def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
+    _plugin("hydra_plugins.hydra_submitit_launcher")
+    assert _sweep(tmp_path, "hydra/launcher=submitit_local") == 0
+    for job in ("0", "1"):
+        res = json.loads((tmp_path / "sweep" / job / "results.json").read_text())
+        assert res["test"]["label"]["n"] == 270
+
+
+def test_optuna_sweeper_optimizes_validation(tmp_path):
+    _plugin("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    code = main(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
+                 "optim.lr=interval(0.0001,0.1)", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+                 "trainer.progress=false", f"hydra.sweep.dir={tmp_path / 'opt'}"])
+    assert code == 0
+    best = yaml.safe_load((tmp_path / "opt" / "optimization_results.yaml").read_text())
+    vals = [json.loads((tmp_path / "opt" / j / "results.json").read_text())["val"]["label"]["accuracy"]
+            for j in ("0", "1")]
+    assert best["best_value"] == max(vals)  # the objective is validation accuracy, never test

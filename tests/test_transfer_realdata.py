@@ -7,7 +7,8 @@ so its features are computed once per run and only the linear head trains (cheap
 
 Measured on a shared 2-core CPU (see docs/transfer.md): pretrained ~0.5-0.6 test accuracy,
 random init ~0.1-0.2; the test asserts a margin of >= 0.25 and a pretrained floor of 0.40.
-About 30-60 s in total.
+It runs torch on one thread: on a 2-core machine shared with other jobs, two intra-op
+threads made it several times slower (~95 s instead of ~30-45 s).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import results, shared_data
 
@@ -49,11 +51,16 @@ def test_pretrained_linear_probe_beats_random_init(cli, tmp_path):
     weight_file = _lite0_weight_file()
 
     runs = {}
-    for pretrained in ("true", "false"):
-        code, rd = cli(*PROBE, f"dataset.root={root}", f"model.pretrained={pretrained}",
-                       run_dir=tmp_path / f"probe_{pretrained}")
-        assert code == 0, f"model.pretrained={pretrained}: exit code {code}"
-        runs[pretrained] = (rd, results(rd))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for pretrained in ("true", "false"):
+            code, rd = cli(*PROBE, f"dataset.root={root}", f"model.pretrained={pretrained}",
+                           run_dir=tmp_path / f"probe_{pretrained}")
+            assert code == 0, f"model.pretrained={pretrained}: exit code {code}"
+            runs[pretrained] = (rd, results(rd))
+    finally:
+        torch.set_num_threads(threads)
 
     (pre_dir, pre), (rand_dir, rand) = runs["true"], runs["false"]
     # where the backbone weights came from
