@@ -26,8 +26,11 @@ test: venv
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# every experiment preset trained shrunk (trainer=smoke, 1 epoch, 32 px, random init, CPU) on
+# ../shared/data (or $$TLBENCH_SHARED_DATA; tiny generated data where absent); stops at the first
+# failure. Options: make smoke SMOKE_ARGS="--fixtures" or SMOKE_ARGS="thai_multitask emnist_small_cnn"
 smoke: venv
-	$(PY) -m pytest -q -m smoke
+	PYTHON=$(PY) scripts/smoke_presets.sh $(SMOKE_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -8,7 +8,7 @@ so its features are computed once per run and only the linear head trains (cheap
 Measured on a shared 2-core CPU (see docs/transfer.md): pretrained ~0.5-0.6 test accuracy,
 random init ~0.1-0.2; the test asserts a margin of >= 0.25 and a pretrained floor of 0.40.
 It runs torch on one thread: on a 2-core machine shared with other jobs, two intra-op
-threads made it several times slower (~95 s instead of ~30-45 s).
+threads made it several times slower (~95 s instead of ~20-25 s).
 """
 
 from __future__ import annotations

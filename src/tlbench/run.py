@@ -191,11 +191,15 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
                        grad_clip=cfg.trainer.grad_clip, progress=_progress(cfg),
                        class_weights=_class_weights(bundle, device))
     loaders = make_loaders(bundle, cfg, device)
+    feature_s = None
     if can_cache_features(cfg, model):
+        t_feat = time.perf_counter()
         loaders = cache_features(cfg, bundle, model, opts)
+        feature_s = time.perf_counter() - t_feat
     try:
         fit(state, loaders, list(bundle.tasks), opts, cfg.trainer, hooks)
-        results = finish(cfg, run_dir, bundle, state, plan_box[0], loaders, opts, tracker, device, t0)
+        results = finish(cfg, run_dir, bundle, state, plan_box[0], loaders, opts, tracker, device, t0,
+                         feature_s)
     finally:
         tracker.close()
         model.inputs_are_features = False
@@ -289,7 +293,7 @@ def _log_batch_grid(bundle, tracker: Tracker) -> None:
     tracker.image("train/batch", torchvision.utils.make_grid(x, nrow=8), 0)
 
 
-def finish(cfg, run_dir, bundle, state, plan, loaders, opts, tracker, device, t0) -> dict:
+def finish(cfg, run_dir, bundle, state, plan, loaders, opts, tracker, device, t0, feature_s=None) -> dict:
     """Load the best checkpoint, evaluate val and (once) test, write results.json."""
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt", map_location=device)
     state.model.load_state_dict(best["model"])
@@ -308,7 +312,7 @@ def finish(cfg, run_dir, bundle, state, plan, loaders, opts, tracker, device, t0
         "tasks": bundle.tasks, "class_counts": bundle.class_counts, "skipped_images": bundle.source.skipped,
         "monitor": cfg.trainer.monitor, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
         "early_stopped": state.epoch < cfg.trainer.max_epochs,
-        "time": {"total_s": time.perf_counter() - t0,
+        "time": {"total_s": time.perf_counter() - t0, "feature_cache_s": feature_s,
                  "train_s_per_epoch": float(np.mean([h["train_seconds"] for h in hist])) if hist else None,
                  "val_s_per_epoch": float(np.mean([h["val_seconds"] for h in hist])) if hist else None},
         "epochs": hist, "val": val, "test": test,

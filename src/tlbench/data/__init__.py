@@ -129,10 +129,15 @@ def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
     source = load_source(cfg)
     tasks = select_tasks(source, cfg.task)
     strat = _stratify_labels(source, tasks)
-    pool = None
-    if cfg.limit_per_class:
-        pool = limit_per_class(strat, np.arange(len(source)), cfg.limit_per_class, cfg.split_seed)
     official = source.official_test if cfg.official_test else None
+    pool = None
+    if cfg.limit_per_class:  # per class in the training pool, and in the official test split apart
+        is_test = np.zeros(len(source), dtype=bool)
+        if official is not None:
+            is_test[np.asarray(official)] = True
+        parts = [np.flatnonzero(~is_test), np.flatnonzero(is_test)]
+        pool = np.sort(np.concatenate([limit_per_class(strat, p, cfg.limit_per_class, cfg.split_seed)
+                                       for p in parts if len(p)]))
     splits = make_splits(
         len(source), strat, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         official_test=official, seed=cfg.split_seed, stratify=cfg.stratify, pool=pool,
