@@ -25,11 +25,11 @@ CHECK=${CHECK:-$(cd .. && pwd)/shared/tools/check_run.py}
 export OMP_NUM_THREADS=${THREADS:-1} HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
-# common to every run: the same CIFAR-10 subset and split (100 images per class drawn from the
+# common to every run: the same CIFAR-10 subset and split (60 images per class drawn from the
 # 5,000 train + 2,000 test images, seeded by dataset.split_seed=0; the official test images
 # among them are the test split, 10% of the rest is val), Adam 1e-3, no augmentation (so a frozen
 # backbone's features are computed once: trainer.cache_features), batch 64, seed 0, CPU.
-COMMON=(dataset=cifar10 "dataset.root=$DATA" dataset.limit_per_class=100 dataset.split_seed=0
+COMMON=(dataset=cifar10 "dataset.root=$DATA" dataset.limit_per_class=60 dataset.split_seed=0
         optim=adam optim.lr=1e-3 sched=none trainer.batch_size=64 trainer.device=cpu
         trainer.progress=false seed=0)
 LITE0=(model=efficientnet_lite0 model.image_size=160)  # 32 px CIFAR images upsampled to 160 px

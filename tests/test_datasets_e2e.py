@@ -308,3 +308,30 @@ def test_real_smoke_run(cli, name, folder, overrides, tasks, truth):
             else:
                 expected = parts[-2] if task == "digit" else parts[-3]
             assert r["target_name"] == expected, r
+
+
+def test_eval_on_another_root_with_the_same_classes(cli, tmp_path):
+    """`tlbench eval RUN_DIR dataset.root=OTHER split=all`: a held-out folder, every image scored."""
+    import csv
+    import json
+
+    from tlbench.cli import main
+
+    train_root, held_out = tmp_path / "train", tmp_path / "held_out"
+    fx.write_class_tree(train_root, {"cat": 8, "dog": 8})
+    fx.write_class_tree(held_out, {"cat": 3, "dog": 5})
+    code, run = cli("dataset=image_folder", f"dataset.root={train_root}", "model.image_size=16",
+                    "trainer.max_epochs=1", "dataset.val_fraction=0.25", "dataset.test_fraction=0.25")
+    assert code == 0
+    assert main(["eval", str(run), f"dataset.root={held_out}", "split=all", "name=held_out"]) == 0
+    out = run / "eval_held_out"
+    rows = list(csv.DictReader(open(out / "predictions" / "label.csv")))
+    assert len(rows) == 8
+    assert all(r["path"].split("/")[0] == r["target_name"] for r in rows)
+    res = json.loads((out / "results.json").read_text())
+    acc = sum(r["target"] == r["pred"] for r in rows) / len(rows)
+    assert res["test"]["label"]["accuracy"] == acc
+    assert json.loads((run / "results.json").read_text())["test"]["label"]["n"] == 4  # the run's own test untouched
+    other = tmp_path / "other_classes"
+    fx.write_class_tree(other, {"bird": 3, "fish": 3})
+    assert main(["eval", str(run), f"dataset.root={other}", "split=all"]) == 2
