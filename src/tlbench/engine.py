@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -207,9 +206,6 @@ def monitor_value(monitor: str, val: EpochResult) -> float:
         return val.loss
     return float(np.mean(list(val.accuracy.values())))
 
-
-def save_path(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / "checkpoints" / name
 
 
 @dataclass

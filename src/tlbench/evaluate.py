@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import load as load_checkpoint
-from .config import Config
 from .data.loaders import make_loaders
 from .engine import LoopOptions, run_epoch, select_device
 from .errors import TlbenchError
@@ -62,7 +61,7 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     with the same classes) into ``run_dir/eval_<name>/`` with the same file contract."""
     import dataclasses
 
-    from .config import DatasetConfig, _from_dict, validate
+    from .config import DatasetConfig, _from_dict, to_config, validate
 
     if split not in ("train", "val", "test", "all"):
         raise TlbenchError(f"split={split!r} is not valid; choose one of 'train', 'val', 'test', 'all'")
@@ -70,7 +69,10 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     saved = ckpt["config"]
     ds = _from_dict(DatasetConfig, {**saved["dataset"], **dataset_updates}, "dataset")
-    cfg = validate(dataclasses.replace(to_config_dict(saved), dataset=ds))
+    cfg = validate(dataclasses.replace(to_config(saved), dataset=ds))
+    # the checkpoint holds every weight: do not look for pretrained files again
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None,
+                                                             init_from=None))
     out = run_dir / f"eval_{name or split}"
     out.mkdir(parents=True, exist_ok=True)
     from .run import _progress, build_everything, seed_everything
@@ -113,11 +115,3 @@ def build_transforms_for(bundle, model):
 
     src = bundle.source
     return build_transforms(model.backbone.input_spec, "none", _native_size(src), isinstance(src.images, list))
-
-
-def to_config_dict(saved: dict) -> Config:
-    from .config import to_config
-
-    return to_config(saved)
-
-
