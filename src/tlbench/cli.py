@@ -108,23 +108,39 @@ def _unknown_key(dotted: str) -> str:
             f"{', '.join(names)}")
 
 
-def compose(overrides: list[str]):
-    """Compose the config (no run dir, no logging) and return the typed Config."""
+def _hydra_compose(overrides: list[str], hydra_cfg: bool = False):
+    """Hydra's compose API (no run dir, no logging); composition errors -> TlbenchError."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise TlbenchError(f"bad configuration: {_hydra_message(e)}") from None
+
+
+def compose(overrides: list[str]):
+    """Compose the config and return the typed, validated Config."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from .config import to_config
 
+    dcfg = _hydra_compose(prepare(overrides))
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            dcfg = hydra_compose(config_name="config", overrides=_force_add(overrides))
         data = OmegaConf.to_container(dcfg, resolve=True)
-    except (HydraException, OmegaConfBaseException) as e:
+    except OmegaConfBaseException as e:
         raise TlbenchError(f"bad configuration: {_hydra_message(e)}") from None
     return to_config(data)
+
+
+def prepare(overrides: list[str]) -> list[str]:
+    """The overrides as Hydra should see them: ``trainer=smoke`` wins over presets, and every
+    typed setting is overridable even where the selected YAML omits it."""
+    return _force_add(_smoke_last(overrides))
 
 
 def _expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -138,17 +154,29 @@ def _expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def _validate(argv: list[str]) -> None:
+    """Compose every job (a preset's ``hydra.sweeper.params`` included) before anything runs."""
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
     multirun = "-m" in argv or "--multirun" in argv
     if not multirun:
         compose(overrides)
         return
+    hc = _hydra_compose(prepare(_first_values(overrides)), hydra_cfg=True)
+    params = hc.hydra.sweeper.get("params") or {}
     try:
-        jobs = _expand_sweep(overrides)
+        jobs = _expand_sweep([f"{k}={v}" for k, v in params.items()] + overrides)
     except Exception:  # a sweeper plugin's own syntax (e.g. optuna intervals): it validates itself
         return
     for job in jobs:
         compose(list(job))
+
+
+def _first_values(overrides: list[str]) -> list[str]:
+    """``key=a,b`` -> ``key=a``: one job's worth of overrides (to see the config's structure)."""
+    out = []
+    for o in overrides:
+        key, _, val = o.partition("=")
+        out.append(f"{key}={val.split(',')[0]}" if "," in val and "(" not in val and "[" not in val else o)
+    return out
 
 
 def _is_field(dotted: str) -> bool:
@@ -169,15 +197,53 @@ def _is_field(dotted: str) -> bool:
 
 
 def _force_add(overrides: list[str]) -> list[str]:
-    """``model.truncate=x`` works even where the selected preset's YAML omits the key:
-    every setting of the typed Config is a valid override (written as Hydra's ``++key=v``)."""
+    """``model.truncate=x`` works even where the selected preset's YAML omits the key: a typed
+    setting missing from the composed config is written as Hydra's ``++key=v`` (add or
+    override); keys that are there stay plain, so they still meet a preset's sweep axis."""
+    from omegaconf import OmegaConf
+
+    def candidate(o: str) -> bool:
+        key = o.split("=", 1)[0]
+        return "=" in o and "." in key and not o.startswith(("+", "~", "-", "hydra.")) and _is_field(key)
+
+    todo = [o for o in overrides if candidate(o)]
+    if not todo:
+        return overrides
+    try:
+        base = _hydra_compose(_first_values([o for o in overrides if not candidate(o)
+                                             and not o.startswith("hydra.")]))
+    except TlbenchError:
+        base = None  # the caller's own compose reports it
+    missing = object()
     out = []
     for o in overrides:
-        key = o.split("=", 1)[0]
-        if "=" in o and "." in key and not o.startswith(("+", "~", "-", "hydra.")) and _is_field(key):
+        if o in todo and (base is None or OmegaConf.select(base, o.split("=", 1)[0], default=missing) is missing):
             o = "++" + o
         out.append(o)
     return out
+
+
+def _smoke_last(overrides: list[str]) -> list[str]:
+    """``trainer=smoke`` also shrinks presets (``+experiment=...`` is merged after the trainer
+    group): its values are repeated as overrides right after it; later overrides still win."""
+    if "trainer=smoke" not in overrides:
+        return overrides
+    import yaml
+
+    values = yaml.safe_load((conf_dir() / "trainer" / "smoke.yaml").read_text())
+    flat = [f"{g}.{k}={_hydra_value(v)}" for g, section in values.items() for k, v in section.items()]
+    i = overrides.index("trainer=smoke") + 1
+    return overrides[:i] + flat + overrides[i:]
+
+
+def _hydra_value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return "'" + v.replace("'", "\\'") + "'"
+    return str(v)
 
 
 def _resume_overrides(argv: list[str]) -> list[str]:
@@ -202,7 +268,7 @@ def _resume_overrides(argv: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- train
 def cmd_train(argv: list[str], debug: bool) -> int:
-    argv = _force_add(_resume_overrides(argv))
+    argv = prepare(_resume_overrides(argv))
     if not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
         _validate(argv)
     import hydra
@@ -272,8 +338,8 @@ def cmd_list(argv: list[str]) -> int:
         raise TlbenchError(f"usage: tlbench list WHAT, where WHAT is one of {choices(GROUPS)}")
     folder = conf_dir() / GROUPS[argv[0]]
     for path in sorted(folder.glob("*.yaml")):
-        first = path.read_text().splitlines()[0] if path.read_text() else ""
-        doc = first.lstrip("# ").strip() if first.startswith("#") and "@package" not in first else ""
+        comments = [ln for ln in path.read_text().splitlines() if ln.startswith("#") and not ln.startswith("# @")]
+        doc = comments[0].lstrip("# ").strip() if comments else ""
         print(f"{path.stem:24s} {doc}")
     return 0
 
