@@ -69,3 +69,22 @@ def test_every_typed_setting_is_overridable_even_if_the_preset_omits_it(tmp_path
 
     cfg = compose(["model=cnn", "model.truncate=stages.0", "freeze.gradual=2", "sched.min_lr=0.001"])
     assert cfg.model.truncate == "stages.0" and cfg.freeze.gradual == 2 and cfg.sched.min_lr == 0.001
+
+
+def test_command_line_value_overrides_a_preset_sweep_axis():
+    from tlbench.cli import _expand_sweep, _hydra_compose, prepare
+
+    p = prepare(["+experiment=cifar_course_vgg16", "optim.lr=0.05"])
+    params = _hydra_compose(p, hydra_cfg=True).hydra.sweeper.params
+    assert "optim.lr" in params  # the preset sweeps it ...
+    jobs = _expand_sweep([f"{k}={v}" for k, v in params.items()] + p)
+    assert len(jobs) == 1 and "optim.lr=0.05" in jobs[0]  # ... and the command line wins: one job
+
+
+def test_trainer_smoke_shrinks_presets_and_later_overrides_win():
+    from tlbench.cli import compose
+
+    assert compose(["+experiment=digits_mlp"]).trainer.max_epochs == 15
+    cfg = compose(["+experiment=digits_mlp", "trainer=smoke"])
+    assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2 and cfg.model.image_size == 32
+    assert compose(["+experiment=digits_mlp", "trainer=smoke", "trainer.max_epochs=2"]).trainer.max_epochs == 2

@@ -171,11 +171,14 @@ def _validate(argv: list[str]) -> None:
 
 
 def _first_values(overrides: list[str]) -> list[str]:
-    """``key=a,b`` -> ``key=a``: one job's worth of overrides (to see the config's structure)."""
+    """``key=a,b`` -> ``key=a``: one job's worth of overrides (to see the config's structure);
+    sweeper functions such as ``interval(...)`` are left out."""
     out = []
     for o in overrides:
         key, _, val = o.partition("=")
-        out.append(f"{key}={val.split(',')[0]}" if "," in val and "(" not in val and "[" not in val else o)
+        if "(" in val:
+            continue
+        out.append(f"{key}={val.split(',')[0]}" if "," in val and "[" not in val else o)
     return out
 
 
