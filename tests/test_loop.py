@@ -217,3 +217,36 @@ def test_frozen_batchnorm_statistics_do_not_change(cli, tmp_path):
     for k, v in first.items():
         if k.startswith("backbone.") and ("running_" in k or "weight" in k or "bias" in k):
             assert torch.equal(v, init[k]), f"{k} changed although the backbone is frozen"
+
+
+def test_gradual_unfreezing_trains_more_blocks_and_resumes_exactly(cli, tmp_path):
+    from tlbench.engine import Interrupted
+    from tlbench.run import train
+
+    over = ("freeze=last_block", "freeze.gradual=1", "trainer.max_epochs=3", "optim=sgd", "sched=cosine")
+    code, full = cli(*over, run_dir=tmp_path / "full")
+    assert code == 0
+    res = results(full)
+    log = (full / "train.log").read_text()
+    assert "gradual unfreezing" in log
+    assert res["params"]["trainable"] == res["params"]["total"]  # both cnn stages train by the end
+    cfg = compose_cfg(*over, "trainer.progress=false")
+    part = tmp_path / "part"
+    with pytest.raises(Interrupted):
+        train(cfg, part, stop_after=2)
+    resumed = train(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume=str(part))), part)
+    assert _metrics(resumed) == _metrics(res)
+
+
+def test_plan_command_text_and_json(capsys):
+    from tlbench.cli import main
+
+    assert main(["plan", "freeze=last_block"]) == 0
+    text = capsys.readouterr().out
+    assert "stages.1" in text and "trainable" in text
+    assert main(["plan", "freeze=index", "freeze.trainable_layers=[-1]", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    blocks = {b["name"]: b["trainable"] for b in data["blocks"]}
+    assert blocks == {"stages.0": False, "stages.1": True}
+    assert main(["plan", "freeze=index", "freeze.trainable_layers=[5]"]) == 2
+    assert "stages.0" in capsys.readouterr().err
