@@ -7,7 +7,8 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-from .compare import FORMATS, Problem, Row, _show
+from .compare import FORMATS, Row, _show
+from .runs import Problem
 from .errors import TlbenchError
 
 
