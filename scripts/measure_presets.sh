@@ -50,4 +50,6 @@ psb() {        # paper_single_block protocol with EfficientNet-Lite0 standing in
 
 names=("$@"); [ ${#names[@]} -gt 0 ] || names=(cnn cnn_bn cx_fe cx_ft cx_scratch psb)
 for n in "${names[@]}"; do "$n"; done
-"$TLBENCH" compare "$OUT/chest_fe" "$OUT/chest_ft" "$OUT/chest_scratch" --by freeze.name,model.pretrained || true
+if [ -f "$OUT/chest_fe/results.json" ] && [ -f "$OUT/chest_ft/results.json" ] && [ -f "$OUT/chest_scratch/results.json" ]; then
+  "$TLBENCH" compare "$OUT/chest_fe" "$OUT/chest_ft" "$OUT/chest_scratch" --by freeze.name,model.pretrained
+fi
