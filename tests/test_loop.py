@@ -250,3 +250,12 @@ def test_plan_command_text_and_json(capsys):
     assert blocks == {"stages.0": False, "stages.1": True}
     assert main(["plan", "freeze=index", "freeze.trainable_layers=[5]"]) == 2
     assert "stages.0" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_never_overwritten(cli, capsys):
+    code, run = cli("trainer.max_epochs=1")
+    assert code == 0
+    before = (run / "results.json").read_bytes(), (run / "checkpoints" / "best.pt").read_bytes()
+    code, _ = cli("trainer.max_epochs=1", "seed=3")
+    assert code == 2 and "trainer.resume=" in capsys.readouterr().err
+    assert before == ((run / "results.json").read_bytes(), (run / "checkpoints" / "best.pt").read_bytes())

@@ -32,9 +32,13 @@ def test_relaunch_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
     assert calls == [(0.001, "auto")], calls  # job 0 skipped, job 1 resumed
     assert json.loads((sweep / "0" / "results.json").read_text()) == first
     assert (sweep / "1" / "results.json").is_file()
-    calls.clear()
-    assert _sweep(tmp_path, "sweep.skip_finished=false") == 0
-    assert [c[0] for c in calls] == [0.01, 0.001]
+    # without skipping, a finished job's directory is never overwritten: the job stops with exit 2
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        _sweep(tmp_path, "sweep.skip_finished=false")
+    assert exc.value.code == 2
+    assert json.loads((sweep / "0" / "results.json").read_text()) == first
 
 
 def _plugin(name):

@@ -168,6 +168,12 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
         import json
 
         return json.loads((run_dir / "results.json").read_text())
+    if not cfg.trainer.resume and ((run_dir / "results.json").is_file()
+                                   or (run_dir / "checkpoints" / "last.pt").is_file()):
+        raise TlbenchError(
+            f"{run_dir} already holds a run (results.json or checkpoints/last.pt) and nothing was "
+            f"overwritten; continue it with trainer.resume={run_dir}, or write elsewhere (another hydra.run.dir)"
+        )
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle, model, plan = build_everything(cfg)
