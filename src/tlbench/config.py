@@ -120,6 +120,7 @@ class TrainerConfig:
     progress: bool = True
     resume: Optional[str] = None  # RUN_DIR or "auto"
     cache_features: bool = True  # frozen backbone + no augmentation: compute its features once
+    num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
     deterministic: bool = True
 
 
@@ -267,6 +268,7 @@ def validate(cfg: Config) -> Config:
     _check_range("trainer.grad_clip", t.grad_clip, 0.0, lo_open=True)
     _check_range("trainer.limit_train_batches", t.limit_train_batches, 1)
     _check_range("trainer.limit_eval_batches", t.limit_eval_batches, 1)
+    _check_range("trainer.num_threads", t.num_threads, 1)
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise TlbenchError(f"trainer.device={dev!r} is not valid; use auto, cpu, cuda, cuda:N or mps")

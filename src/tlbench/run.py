@@ -175,6 +175,8 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
             f"overwritten; continue it with trainer.resume={run_dir}, or write elsewhere (another hydra.run.dir)"
         )
     t0 = time.perf_counter()
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle, model, plan = build_everything(cfg)
     device = select_device(cfg.trainer.device)
