@@ -259,3 +259,19 @@ def test_a_finished_run_is_never_overwritten(cli, capsys):
     code, _ = cli("trainer.max_epochs=1", "seed=3")
     assert code == 2 and "trainer.resume=" in capsys.readouterr().err
     assert before == ((run / "results.json").read_bytes(), (run / "checkpoints" / "best.pt").read_bytes())
+
+
+def test_hparams_view_holds_the_chosen_keys_and_final_metrics(cli):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    code, run = cli("model=mlp", "optim.lr=0.01", "trainer.max_epochs=1")
+    assert code == 0
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    infos = [plugin_data_pb2.HParamsPluginData.FromString(c).session_start_info
+             for c in acc.PluginTagToContent("hparams").values()]
+    hp = next(i.hparams for i in infos if i.hparams)
+    assert {"model.name", "optim.lr", "trainer.max_epochs", "seed"} <= set(hp)
+    assert hp["model.name"].string_value == "mlp" and hp["optim.lr"].number_value == 0.01
+    assert "hparam/test_accuracy_label" in acc.Tags()["scalars"]

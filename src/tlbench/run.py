@@ -326,11 +326,27 @@ def finish(cfg, run_dir, bundle, state, plan, loaders, opts, tracker, device, t0
         "epochs": hist, "val": val, "test": test,
     }
     write_json(run_dir / "results.json", results)
-    _final_scalars(cfg, results, tracker)
+    _final_scalars(cfg, results, tracker, run_dir)
     return results
 
 
-def _final_scalars(cfg: Config, results: dict, tracker: Tracker) -> None:
+def _hparam_keys(run_dir: Path) -> Optional[set]:
+    """The keys the user chose on the command line (Hydra's overrides.yaml), as dotted names;
+    a group choice ``model=vgg16`` means ``model.name``. None when the run has no Hydra files."""
+    import yaml
+
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    keys = {"dataset.name", "model.name", "freeze.name", "seed"}
+    for o in yaml.safe_load(path.read_text()) or []:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if not key.startswith("hydra"):
+            keys.add(key if "." in key or key in ("seed", "experiment") else f"{key}.name")
+    return keys
+
+
+def _final_scalars(cfg: Config, results: dict, tracker: Tracker, run_dir: Path) -> None:
     step = results["best_epoch"] or 0
     metrics = {}
     for split in ("val", "test"):
@@ -344,7 +360,8 @@ def _final_scalars(cfg: Config, results: dict, tracker: Tracker) -> None:
             flat.update({f"{group}.{k}": v for k, v in values.items() if k not in ("resume", "progress")})
         else:
             flat[group] = values
-    tracker.hparams(flat, metrics)
+    keys = _hparam_keys(run_dir)  # a sweep's HPARAMS table shows what the sweep varied
+    tracker.hparams({k: v for k, v in flat.items() if keys is None or k in keys}, metrics)
 
 
 def plan_text(cfg: Config, as_json: bool) -> str:
