@@ -62,9 +62,9 @@ def test_optuna_sweeper_optimizes_validation(tmp_path):
     _plugin("hydra_plugins.hydra_optuna_sweeper")
     import yaml
 
-    code = main(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
-                 "optim.lr=interval(0.0001,0.1)", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
-                 "trainer.progress=false", f"hydra.sweep.dir={tmp_path / 'opt'}"])
+    # the search space comes from the preset's config (conf/experiment/digits_optuna.yaml)
+    code = main(["-m", "+experiment=digits_optuna", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1",
+                 "trainer.limit_train_batches=4", "trainer.progress=false", f"hydra.sweep.dir={tmp_path / 'opt'}"])
     assert code == 0
     best = yaml.safe_load((tmp_path / "opt" / "optimization_results.yaml").read_text())
     vals = [json.loads((tmp_path / "opt" / j / "results.json").read_text())["val"]["label"]["accuracy"]
