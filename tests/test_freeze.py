@@ -213,3 +213,20 @@ def test_plan_report(resnet):
     assert [g["lr"] for g in data["groups"]] == [0.01, 0.1]
     assert data["blocks"][-1] == {"name": "layer4", "n_params": numel(resnet.backbone.net.layer4),
                                   "n_trainable": numel(resnet.backbone.net.layer4), "trainable": True}
+
+
+def test_freeze_groups_give_blocks_their_own_learning_rate():
+    from tlbench.cli import compose
+    from tlbench.run import build_everything
+
+    cfg = compose(["freeze.groups=[stages.0:0.0001]", "optim.lr=0.01", "optim.head_lr=0.1"])
+    _, _, plan = build_everything(cfg)
+    lrs = {g["name"]: g["lr"] for g in plan.groups}
+    assert lrs == {"stages.0": 0.0001, "backbone": 0.01, "heads": 0.1}
+    n = {g["name"]: sum(p.numel() for p in g["params"]) for g in plan.groups}
+    assert n["stages.0"] + n["backbone"] + n["heads"] == plan.trainable_count
+    for bad, word in (("[nosuch*:0.1]", "matches no block"), ("[stages.0:fast]", "BLOCK_GLOB:LR")):
+        with pytest.raises(TlbenchError, match=word):
+            build_everything(compose([f"freeze.groups={bad}"]))
+    with pytest.raises(TlbenchError, match="layer_decay"):
+        build_everything(compose(["freeze.groups=[stages.0:0.001]", "optim.layer_decay=0.5"]))

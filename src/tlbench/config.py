@@ -81,6 +81,7 @@ class FreezeConfig:
     head: bool = True  # the new head(s) train
     bn: str = "eval"  # eval|train: frozen BatchNorm mode
     gradual: int = 0  # unfreeze one more block every K epochs (0 = off)
+    groups: tuple[str, ...] = ()  # own learning rates for blocks: [features.2*:1e-4, ...] (glob:lr)
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ def apply_freeze(model, cfg: FreezeConfig, optim: OptimConfig, epoch: int = 0) -
         trainable=[n for n, p in named if id(p) in train],
         frozen=[n for n, p in named if id(p) not in train],
         bn_eval=[] if cfg.bn == "train" else _frozen_bn(model, train),
-        groups=_groups(model, blocks, outside, train, optim),
+        groups=_groups(model, blocks, outside, train, optim, _block_lrs(cfg.groups, blocks)),
         blocks=[_block_info(n, ps, train) for n, ps in blocks],
         total=sum(p.numel() for _, p in named),
         trainable_count=sum(p.numel() for _, p in named if id(p) in train),
@@ -205,12 +205,42 @@ def _split_decay(name: str, ps: list[nn.Parameter], lr: float, wd: float) -> lis
     return [g for g in groups if g["params"]]
 
 
-def _groups(model, blocks, outside, train: set[int], optim: OptimConfig) -> list[dict]:
+def _block_lrs(entries, blocks) -> dict[str, float]:
+    """``freeze.groups=[features.2*:1e-4,...]`` -> {block name: lr} (the first matching glob wins)."""
+    out: dict[str, float] = {}
+    names = [n for n, _ in blocks]
+    for entry in entries:
+        glob, sep, value = entry.rpartition(":")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = -1.0
+        if not sep or not glob or lr <= 0:
+            raise TlbenchError(f"freeze.groups entry {entry!r} must be BLOCK_GLOB:LR with LR > 0, "
+                               f"e.g. freeze.groups=[features.2*:1e-4]; blocks: {_listing(blocks)}")
+        hits = [n for n in names if fnmatch.fnmatchcase(n, glob) and n not in out]
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise TlbenchError(f"freeze.groups entry {entry!r} matches no block; blocks: {_listing(blocks)}")
+        out.update({n: lr for n in hits})
+    return out
+
+
+def _groups(model, blocks, outside, train: set[int], optim: OptimConfig, block_lrs=None) -> list[dict]:
     """Optimizer groups. ``layer_decay=d``: block i of n gets lr * d**(n-1-i), parameters
-    outside every block (stem, tokens) lr * d**n; ``head_lr`` sets the head(s)' lr."""
+    outside every block (stem, tokens) lr * d**n; ``head_lr`` sets the head(s)' lr;
+    ``block_lrs`` (from ``freeze.groups``) gives named blocks their own lr."""
     lr, wd = optim.lr, optim.weight_decay
     groups: list[dict] = []
-    if optim.layer_decay is not None and blocks:
+    if block_lrs and optim.layer_decay is not None:
+        raise TlbenchError("freeze.groups and optim.layer_decay both set block learning rates; use one of them")
+    if block_lrs:
+        own = {id(p) for n, ps in blocks if n in block_lrs for p in ps}
+        for n, ps in blocks:
+            if n in block_lrs:
+                groups += _split_decay(n, [p for p in ps if id(p) in train], block_lrs[n], wd)
+        rest = [p for p in model.backbone.parameters() if id(p) in train and id(p) not in own]
+        groups += _split_decay("backbone", rest, lr, wd)
+    elif optim.layer_decay is not None and blocks:
         n, d = len(blocks), optim.layer_decay
         groups += _split_decay("backbone.other", [p for p in outside if id(p) in train], lr * d**n, wd)
         for i, (name, ps) in enumerate(blocks):
