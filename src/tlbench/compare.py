@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import TlbenchError
-from .runs import Problem, Run, collect_runs, find_run_dirs  # noqa: F401  (re-exported)
+from .runs import Run, collect_runs
 
 ALIASES = {"model": "model.name", "freeze": "freeze.name", "dataset": "dataset.name", "optim": "optim.name",
            "sched": "sched.name"}

@@ -89,6 +89,11 @@ class LoopOptions:
     stop_flag: Optional[Callable[[], Optional[int]]] = None  # returns a signal number to stop
 
 
+def autocast(opts: "LoopOptions"):
+    """Mixed-precision context for ``opts`` (a no-op in 32-bit)."""
+    return torch.autocast(opts.device.type, dtype=opts.dtype) if opts.dtype else contextlib.nullcontext()
+
+
 def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=None,
               limit: Optional[int] = None, desc: str = "", collect: bool = False) -> EpochResult:
     """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates."""
@@ -109,9 +114,7 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
                 raise Interrupted(sig)
             x = x.to(opts.device, non_blocking=True)
             y = {t: v.to(opts.device, non_blocking=True) for t, v in y.items()}
-            autocast = (torch.autocast(opts.device.type, dtype=opts.dtype) if opts.dtype
-                        else contextlib.nullcontext())
-            with autocast:
+            with autocast(opts):
                 out = model(x)
                 losses = {t: task_loss(out[t].float(), y[t], _w(opts, t)) for t in tasks}
                 loss = sum(losses.values())

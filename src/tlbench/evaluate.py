@@ -92,8 +92,8 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     if split == "all":  # every item of the source, e.g. a held-out folder
         from .data import SplitDataset
 
-        _, eval_tf = build_transforms_for(bundle, model)
-        bundle.test = SplitDataset(bundle.source, range(len(bundle.source)), list(bundle.tasks), eval_tf)
+        bundle.test = SplitDataset(bundle.source, range(len(bundle.source)), list(bundle.tasks),
+                                   bundle.eval_transform)
         bundle.splits = {"test": list(range(len(bundle.source)))}
     elif split != "test":
         bundle.test = getattr(bundle, split)
@@ -108,10 +108,3 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     write_json(out / "splits.json", bundle.splits)
     return out
 
-
-def build_transforms_for(bundle, model):
-    from .data import _native_size
-    from .data.transforms import build_transforms
-
-    src = bundle.source
-    return build_transforms(model.backbone.input_spec, "none", _native_size(src), isinstance(src.images, list))

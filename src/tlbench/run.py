@@ -22,7 +22,7 @@ from .checkpoint import save_atomic
 from .config import Config, config_hash, to_dict
 from .data import build_data
 from .data.loaders import make_loaders
-from .engine import FitHooks, LoopOptions, TrainState, amp_dtype, fit, select_device
+from .engine import FitHooks, LoopOptions, TrainState, amp_dtype, autocast, fit, select_device
 from .errors import TlbenchError
 from .models import build_backbone, build_model
 from .optim import build_optimizer, build_scheduler
@@ -201,9 +201,7 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
     loaders = make_loaders(bundle, cfg, device)
     feature_s = None
     if can_cache_features(cfg, model):
-        t_feat = time.perf_counter()
-        loaders = cache_features(cfg, bundle, model, opts)
-        feature_s = time.perf_counter() - t_feat
+        loaders, feature_s = cache_features(cfg, bundle, model, opts)
     try:
         fit(state, loaders, list(bundle.tasks), opts, cfg.trainer, hooks)
         results = finish(cfg, run_dir, bundle, state, plan_box[0], loaders, opts, tracker, device, t0,
@@ -243,10 +241,10 @@ def can_cache_features(cfg: Config, model) -> bool:
             and backbone_frozen(model))
 
 
-def cache_features(cfg: Config, bundle, model, opts: LoopOptions) -> dict:
-    """Run the frozen backbone once over each split; train/evaluate the heads on the result."""
+def cache_features(cfg: Config, bundle, model, opts: LoopOptions) -> tuple[dict, float]:
+    """Run the frozen backbone once over each split; train/evaluate the heads on the result.
+    Returns the loaders over the features and the seconds the feature pass took."""
     import copy
-    import contextlib
 
     from torch.utils.data import DataLoader
 
@@ -264,16 +262,15 @@ def cache_features(cfg: Config, bundle, model, opts: LoopOptions) -> dict:
         feats = []
         with torch.inference_mode():
             for x, _ in DataLoader(sub, batch_size=max(cfg.batch_size, 64), shuffle=False):
-                autocast = (torch.autocast(opts.device.type, dtype=opts.dtype) if opts.dtype
-                            else contextlib.nullcontext())
-                with autocast:
+                with autocast(opts):
                     feats.append(model.features(x.to(opts.device)).float().cpu())
         labels = {t: ds.labels[t][:n] for t in bundle.tasks}
         setattr(cached, name, TensorSplit(torch.cat(feats), labels, ds.indices[:n]))
     model.inputs_are_features = True
+    seconds = time.perf_counter() - t0
     log.info("frozen backbone: features of %d images computed once in %.1fs; the head(s) train on them",
-             sum(len(getattr(cached, s)) for s in ("train", "val", "test")), time.perf_counter() - t0)
-    return make_loaders(cached, cfg, opts.device)
+             sum(len(getattr(cached, s)) for s in ("train", "val", "test")), seconds)
+    return make_loaders(cached, cfg, opts.device), seconds
 
 
 def _class_weights(bundle, device):

@@ -161,4 +161,5 @@ def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
         train=datasets["train"], val=datasets["val"], test=datasets["test"],
         tasks={t: list(source.tasks[t]) for t in tasks}, splits=splits, source=source,
         fingerprint=source.fingerprint(splits), class_counts=counts, class_weights=weights,
+        eval_transform=eval_tf,
     )

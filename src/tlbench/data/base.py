@@ -87,3 +87,4 @@ class DataBundle:
     fingerprint: str
     class_counts: dict[str, dict[str, dict[str, int]]]  # split -> task -> class -> count
     class_weights: Optional[dict[str, list[float]]] = None
+    eval_transform: Optional[object] = None  # image -> tensor, deterministic (eval of other items)
