@@ -42,7 +42,8 @@ def _debug(argv) -> bool:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug(argv)
-    argv = [a for a in argv if a != "--debug"]
+    allow_code = "--allow-code" in argv
+    argv = [a for a in argv if a not in ("--debug", "--allow-code")]
     try:
         if argv and argv[0] == "list":
             return cmd_list(argv[1:])
@@ -62,7 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return compare_main(argv[1:])
         if argv and argv[0] == "train":
             argv = argv[1:]
-        return cmd_train(argv, debug)
+        return cmd_train(argv, debug, allow_code)
     except TlbenchError as e:
         if debug:
             raise
@@ -143,31 +144,52 @@ def prepare(overrides: list[str]) -> list[str]:
     return _force_add(_smoke_last(overrides))
 
 
-def _expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """All jobs of a ``-m`` sweep (basic sweeper syntax), to validate them before any runs."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def _expand_sweep(overrides: list[str]) -> Optional[list[list[str]]]:
+    """All jobs of a ``-m`` sweep (basic sweeper syntax: ``a,b``, ``range()``, ``choice()``), to
+    validate them before any runs. A syntax error is the user's (exit 2); ``None`` when the sweep
+    uses a sweeper plugin's own syntax (e.g. Optuna's ``interval()``), which that plugin checks."""
+    import itertools
+    import logging
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [job for batch in batches for job in batch]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise TlbenchError(f"bad override: {' '.join(str(e).split('See https')[0].split())}; "
+                           f"write key=value, a sweep as key=a,b,c (no empty values)") from None
+    axes = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if o.is_interval_sweep():
+                logging.getLogger(__name__).info("%s is swept by the sweeper plugin; it checks the values itself", key)
+                return None
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([f"{key}={o.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*axes)]
 
 
 def _validate(argv: list[str]) -> None:
-    """Compose every job (a preset's ``hydra.sweeper.params`` included) before anything runs."""
+    """Compose every job (a preset's ``hydra.sweeper.params`` included) and check that the run
+    or sweep folder can be written, before anything runs."""
+    from .record import check_writable
+
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
     multirun = "-m" in argv or "--multirun" in argv
+    hydra_overrides = [a for a in argv if a.startswith("hydra.")]
+    hc = _hydra_compose(prepare(_first_values(overrides)) + hydra_overrides, hydra_cfg=True)
     if not multirun:
+        check_writable(Path(str(hc.hydra.run.dir)), "the run directory")
         compose(overrides)
         return
-    hc = _hydra_compose(prepare(_first_values(overrides)), hydra_cfg=True)
+    check_writable(Path(str(hc.hydra.sweep.dir)), "the sweep directory")
     params = hc.hydra.sweeper.get("params") or {}
-    try:
-        jobs = _expand_sweep([f"{k}={v}" for k, v in params.items()] + overrides)
-    except Exception:  # a sweeper plugin's own syntax (e.g. optuna intervals): it validates itself
-        return
-    for job in jobs:
-        compose(list(job))
+    jobs = _expand_sweep([f"{k}={v}" for k, v in params.items()] + overrides)
+    for job in jobs or []:
+        compose(job)
 
 
 def _first_values(overrides: list[str]) -> list[str]:
@@ -269,9 +291,25 @@ def _resume_overrides(argv: list[str]) -> list[str]:
     return original + rest + [f"trainer.resume={run_dir}", f"hydra.run.dir={run_dir}"]
 
 
+def _refuse_code(argv: list[str], allow_code: bool) -> None:
+    """``_target_`` values and ``hydra.callbacks`` make Hydra import and call arbitrary code: refused
+    on the command line and in replayed overrides (``trainer.resume``) unless ``--allow-code``."""
+    if allow_code:
+        return
+    for a in argv:
+        key = a.split("=", 1)[0].lstrip("+~")
+        if "_target_" in a or key.startswith(("hydra.callbacks", "hydra/callbacks")):
+            raise TlbenchError(
+                f"refusing the override {a!r}: '_target_' and hydra.callbacks make Hydra import and run code "
+                f"named in configuration; tlbench's settings never need them. If you wrote it yourself and "
+                f"trust it, add --allow-code")
+
+
 # ----------------------------------------------------------------------------- train
-def cmd_train(argv: list[str], debug: bool) -> int:
-    argv = prepare(_resume_overrides(argv))
+def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
+    argv = _resume_overrides(argv)
+    _refuse_code(argv, allow_code)
+    argv = prepare(argv)
     if not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
         _validate(argv)
     import hydra
@@ -305,7 +343,7 @@ def _make_task(debug: bool):
                 cfg, results = sweep_job(cfg, run_dir, Path(hc.sweep.dir))
             else:
                 results = None
-            results = results or train(cfg, run_dir)
+            results = results or train(cfg, run_dir, record=_record(dcfg, hc))
         except TlbenchError as e:
             if debug:
                 raise
@@ -319,6 +357,16 @@ def _make_task(debug: bool):
         return float(first["accuracy"])  # the objective for sweepers (validation, never test)
 
     return task
+
+
+def _record(dcfg, hc) -> dict[str, str]:
+    """The ``.hydra/`` files of a run (Hydra's layout), written by ``run.train`` only once the run
+    starts: the resolved config, the overrides typed, and Hydra's own config."""
+    from omegaconf import OmegaConf
+
+    return {"config.yaml": OmegaConf.to_yaml(dcfg, resolve=True),
+            "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
+            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hc)}))}
 
 
 def _interrupt_types():

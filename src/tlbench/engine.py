@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .errors import TlbenchError
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +33,15 @@ class Interrupted(Exception):
     def __init__(self, signum: int):
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
+
+
+class Diverged(TlbenchError):
+    """The training loss became NaN/inf, or grew past ``trainer.divergence_factor`` x its first-epoch
+    value. ``last.pt`` keeps the last good epoch. (A user-facing error: exit 2.)"""
+
+    def __init__(self, message: str, epoch: Optional[int] = None, step: Optional[int] = None):
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
 
 
 def select_device(name: str) -> torch.device:
@@ -76,6 +87,7 @@ class EpochResult:
     accuracy: dict[str, float]
     n: int
     seconds: float
+    steps: int = 0  # batches seen
     collected: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # task -> targets/preds/probs
 
 
@@ -100,6 +112,7 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
     train = optimizer is not None
     start = time.perf_counter()
     totals = {"loss": 0.0, "n": 0}
+    steps = 0
     t_loss = {t: 0.0 for t in tasks}
     correct = {t: 0 for t in tasks}
     store: dict[str, dict[str, list]] = {t: {"targets": [], "preds": [], "probs": []} for t in tasks}
@@ -119,7 +132,10 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
                 losses = {t: task_loss(out[t].float(), y[t], _w(opts, t)) for t in tasks}
                 loss = sum(losses.values())
             if train:
+                if not math.isfinite(float(loss.detach())):
+                    raise Diverged(f"the training loss became {float(loss.detach())} at step {i + 1}", step=i + 1)
                 _step(loss, model, optimizer, scaler, opts.grad_clip)
+            steps = i + 1
             bs = x.shape[0]
             totals["loss"] += float(loss.detach()) * bs
             totals["n"] += bs
@@ -138,7 +154,7 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
     return EpochResult(
         loss=totals["loss"] / n, task_loss={t: v / n for t, v in t_loss.items()},
         accuracy={t: c / n for t, c in correct.items()}, n=totals["n"],
-        seconds=time.perf_counter() - start, collected=collected,
+        seconds=time.perf_counter() - start, steps=steps, collected=collected,
     )
 
 
@@ -148,12 +164,6 @@ def _w(opts: LoopOptions, task: str):
 
 def _step(loss, model, optimizer, scaler, grad_clip) -> None:
     optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(float(loss.detach())):
-        from .errors import TlbenchError
-
-        raise TlbenchError(
-            f"the training loss became {float(loss)}; lower optim.lr, set trainer.grad_clip, or check the data"
-        )
     if scaler is not None:
         scaler.scale(loss).backward()
         if grad_clip:
@@ -220,6 +230,7 @@ class TrainState:
     scheduler: object
     scaler: Optional[torch.amp.GradScaler]
     epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (training batches)
     best: Optional[float] = None
     best_epoch: Optional[int] = None
     bad_epochs: int = 0
@@ -233,7 +244,7 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch,
+            "epoch": self.epoch, "step": self.step, "best": self.best, "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs, "history": self.history, "rng": rng_state(), **extra,
         }
 
@@ -247,6 +258,7 @@ class TrainState:
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.best, self.best_epoch = ckpt["epoch"], ckpt["best"], ckpt["best_epoch"]
+        self.step = ckpt.get("step", 0)
         self.bad_epochs, self.history = ckpt["bad_epochs"], list(ckpt["history"])
         set_rng_state(ckpt["rng"])
 
@@ -277,8 +289,13 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
             loaders["train"].sampler.set_epoch(epoch)
             lrs = group_lrs(state.optimizer)
             hooks.train_mode(state.model)
-            train = run_epoch(state.model, loaders["train"], tasks, opts, state.optimizer, state.scaler,
-                              tcfg.limit_train_batches, desc=f"epoch {epoch + 1} train")
+            try:
+                train = run_epoch(state.model, loaders["train"], tasks, opts, state.optimizer, state.scaler,
+                                  tcfg.limit_train_batches, desc=f"epoch {epoch + 1} train")
+            except Diverged as e:
+                raise _diverged(f"{e} of epoch {epoch + 1}", epoch, state.step + (e.step or 0)) from None
+            _check_divergence(state, train, tcfg, epoch)
+            state.step += train.steps
             state.model.eval()
             val = run_epoch(state.model, loaders["val"], tasks, opts, limit=tcfg.limit_eval_batches,
                             desc=f"epoch {epoch + 1} val")
@@ -303,6 +320,23 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
                          tcfg.monitor, state.bad_epochs, state.best_epoch)
                 break
     return state
+
+
+def _diverged(what: str, epoch: int, step: int) -> Diverged:
+    return Diverged(f"{what} (global step {step}); the run stopped and checkpoints/last.pt keeps epoch {epoch}, "
+                    f"the last good one. Lower optim.lr, set trainer.grad_clip, or check the data", epoch, step)
+
+
+def _check_divergence(state: TrainState, train: EpochResult, tcfg, epoch: int) -> None:
+    """A finite blow-up: the epoch's training loss above ``divergence_factor`` x the first epoch's."""
+    factor = getattr(tcfg, "divergence_factor", None)
+    if not factor or not state.history:
+        return
+    first = state.history[0]["train"]["loss"]
+    if first > 0 and train.loss > factor * first:
+        raise _diverged(f"the training loss of epoch {epoch + 1} ({train.loss:.4g}) is more than "
+                        f"trainer.divergence_factor={factor:g} times that of epoch 1 ({first:.4g})",
+                        epoch, state.step + train.steps)
 
 
 def _epoch_record(epoch: int, train: EpochResult, val: EpochResult, lrs: dict) -> dict:

@@ -7,9 +7,11 @@ checkpoint, after training.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -22,12 +24,15 @@ from .checkpoint import save_atomic
 from .config import Config, config_hash, to_dict
 from .data import build_data
 from .data.loaders import make_loaders
-from .engine import FitHooks, LoopOptions, TrainState, amp_dtype, autocast, fit, select_device
+from .engine import (Diverged, FitHooks, Interrupted, LoopOptions, TrainState, amp_dtype, autocast, fit,
+                     select_device)
 from .errors import TlbenchError
 from .models import build_backbone, build_model
 from .optim import build_optimizer, build_scheduler
 from .evaluate import evaluate_split, report_split
-from .tracking import Tracker, ensure_log_file, write_json
+from .record import (EarlyLog, RunLock, check_writable, close_log, config_diff, is_fresh, open_log,
+                     write_hydra_record, write_status)
+from .tracking import Tracker, write_json
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,9 @@ def _hooks(cfg: Config, run_dir: Path, plan_box: list, tracker: Tracker, stop_af
 
     def save(state: TrainState, name: str) -> None:
         save_atomic(state.checkpoint(extra), run_dir / "checkpoints" / name)
+        if name == "last.pt":
+            write_status(run_dir, "running", f"epoch {state.epoch} of {cfg.trainer.max_epochs} saved",
+                         state.epoch, state.step)
 
     def log_epoch(state: TrainState, rec: dict) -> None:
         scalars = {"loss/train": rec["train"]["loss"], "loss/val": rec["val"]["loss"],
@@ -142,14 +150,10 @@ def _gradual_hook(cfg: Config, plan_box: list):
 def _resume(cfg: Config, run_dir: Path, state: TrainState, plan_box: list) -> None:
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     if ckpt.get("config_hash") != config_hash(cfg):
-        from .config import to_dict as _d
-
-        old, new = ckpt.get("config", {}), _d(cfg)
-        diff = [f"{g}.{k}" for g in new if isinstance(new[g], dict)
-                for k in new[g] if old.get(g, {}).get(k) != new[g][k] and k not in ("resume", "progress")]
+        diff = config_diff(ckpt.get("config") or {}, to_dict(cfg))
         raise TlbenchError(
             f"cannot resume {run_dir}: its checkpoint was made with a different config "
-            f"(differs in: {', '.join(diff) or 'top-level keys'}); resume with the same overrides as the original run"
+            f"(differs in: {', '.join(diff) or 'its config hash'}); resume with the same overrides as the original run"
         )
     hook = _gradual_hook(cfg, plan_box)
     if hook:  # the optimizer groups as they were when the checkpoint was written
@@ -158,22 +162,116 @@ def _resume(cfg: Config, run_dir: Path, state: TrainState, plan_box: list) -> No
     log.info("resumed from %s at epoch %d", run_dir / "checkpoints" / "last.pt", state.epoch)
 
 
-def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
-    """Run one experiment into ``run_dir`` and return the results dict."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ensure_log_file(run_dir)
-    if cfg.trainer.resume and (run_dir / "results.json").is_file():
-        log.info("%s already finished (results.json exists); nothing to resume", run_dir)
-        import json
+def _old_config(run_dir: Path) -> Optional[dict]:
+    """The typed config a run directory was made with, as a dict (for naming differences)."""
+    import yaml
 
-        return json.loads((run_dir / "results.json").read_text())
-    if not cfg.trainer.resume and ((run_dir / "results.json").is_file()
-                                   or (run_dir / "checkpoints" / "last.pt").is_file()):
+    from .config import to_config
+
+    try:
+        data = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        return to_dict(to_config(data))
+    except Exception:  # noqa: BLE001 - an old or damaged record: fall back to the checkpoint
+        pass
+    try:
+        return load_checkpoint(run_dir / "checkpoints" / "last.pt").get("config")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _differs(cfg: Config, run_dir: Path) -> Optional[str]:
+    """None when ``run_dir`` was made with ``cfg`` (same config hash), else the keys that differ."""
+    path = run_dir / "config_hash"
+    saved = path.read_text().strip() if path.is_file() else None
+    if saved is None:
+        try:
+            saved = json.loads((run_dir / "results.json").read_text()).get("config_hash")
+        except (OSError, ValueError):
+            saved = None
+    if saved == config_hash(cfg):
+        return None
+    old = _old_config(run_dir)
+    diff = config_diff(old, to_dict(cfg)) if isinstance(old, dict) else []
+    return ", ".join(diff) or "its config hash"
+
+
+def _preflight(cfg: Config, run_dir: Path, fresh: bool) -> Optional[dict]:
+    """Checks against what ``run_dir`` already holds, before anything is written. Returns the
+    results of a finished run that ``trainer.resume`` points at with the same config."""
+    resume = cfg.trainer.resume
+    if fresh:
+        if resume and resume != "auto":
+            if not (run_dir / ".hydra" / "overrides.yaml").is_file():
+                raise TlbenchError(f"trainer.resume={resume!r}: {run_dir} holds no run to resume (no checkpoints/last.pt)")
+            log.info("%s stopped before its first checkpoint: starting it from the beginning", run_dir)
+        return None
+    finished, has_last = (run_dir / "results.json").is_file(), (run_dir / "checkpoints" / "last.pt").is_file()
+    if not finished and not has_last:
         raise TlbenchError(
-            f"{run_dir} already holds a run (results.json or checkpoints/last.pt) and nothing was "
-            f"overwritten; continue it with trainer.resume={run_dir}, or write elsewhere (another hydra.run.dir)"
-        )
+            f"{run_dir} is not empty and holds no tlbench run to continue (no results.json, no "
+            f"checkpoints/last.pt); nothing was changed there. Write elsewhere (another hydra.run.dir), or "
+            f"delete the folder if it is the leftover of a run that never started")
+    if not resume:
+        raise TlbenchError(
+            f"{run_dir} already holds a run ({'results.json' if finished else 'checkpoints/last.pt'}) and nothing "
+            f"was overwritten; continue it with trainer.resume={run_dir}, or write elsewhere (another hydra.run.dir)")
+    diff = _differs(cfg, run_dir)
+    if diff:
+        raise TlbenchError(
+            f"cannot resume {run_dir}: it was made with a different config (differs in: {diff}); nothing was "
+            f"changed there. Resume with the run's own overrides (trainer.resume={run_dir} alone), or start "
+            f"a new run elsewhere")
+    if finished:
+        log.info("%s already finished with this config (results.json exists); nothing to resume", run_dir)
+        return json.loads((run_dir / "results.json").read_text())
+    return None
+
+
+def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None,
+          record: Optional[dict[str, str]] = None) -> dict:
+    """Run one experiment into ``run_dir`` and return the results dict. ``record``: the
+    ``.hydra/`` files (name -> text) to write when the run starts (the CLI passes them).
+
+    Nothing is written before the run starts (config checked, directory locked, data and model
+    built): a refused run leaves an existing directory unchanged, a new one with at most
+    ``status.json`` saying ``failed``."""
+    run_dir = Path(run_dir)
+    check_writable(run_dir, "the run directory")
+    fresh = is_fresh(run_dir)
+    early = EarlyLog().__enter__()
+    try:
+        done = _preflight(cfg, run_dir, fresh)
+        if done is not None:
+            return done
+        with RunLock(run_dir):
+            try:
+                ctx = _setup(cfg, run_dir, stop_after)
+            except TlbenchError as e:
+                if is_fresh(run_dir):
+                    write_status(run_dir, "failed", str(e))
+                raise
+            early.__exit__()
+            early.flush_into(open_log(run_dir))
+            return _run(cfg, run_dir, ctx, record)
+    finally:
+        early.__exit__()
+        close_log(run_dir)
+
+
+@dataclass
+class _Ctx:
+    """What ``_setup`` builds before anything is written."""
+
+    bundle: object
+    plan_box: list
+    state: TrainState
+    device: torch.device
+    resuming: bool
+    stop_after: Optional[int]
+    t0: float
+
+
+def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
     t0 = time.perf_counter()
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -183,40 +281,66 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None) -> dict:
     model.to(device)
     state = _new_state(cfg, model, plan, device)
     resuming = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").is_file()
-    if cfg.trainer.resume and cfg.trainer.resume != "auto" and not resuming:
-        raise TlbenchError(f"trainer.resume={cfg.trainer.resume!r}: no checkpoints/last.pt in {run_dir}")
-    _write_run_files(cfg, run_dir, bundle)
-    tracker = Tracker(run_dir)
-    plan_box = [plan]
-    hooks = _hooks(cfg, run_dir, plan_box, tracker, stop_after, bundle.tasks)
-    if resuming:
-        _resume(cfg, run_dir, state, plan_box)
-    else:
-        hooks.save(state, "last.pt")  # an interrupted first epoch still leaves a resumable start
-        _log_batch_grid(bundle, tracker)
-    log.info("model: %d parameters, %d trainable; device %s", plan.total, plan.trainable_count, device)
-    opts = LoopOptions(device=device, dtype=amp_dtype(device, cfg.trainer.precision),
-                       grad_clip=cfg.trainer.grad_clip, progress=_progress(cfg),
-                       class_weights=_class_weights(bundle, device))
-    loaders = make_loaders(bundle, cfg, device)
-    feature_s = None
-    if can_cache_features(cfg, model):
-        loaders, feature_s = cache_features(cfg, bundle, model, opts)
+    return _Ctx(bundle, [plan], state, device, resuming, stop_after, t0)
+
+
+def _run(cfg: Config, run_dir: Path, ctx: _Ctx, record: Optional[dict[str, str]]) -> dict:
+    """The run has started: write its record, train, evaluate; keep ``status.json`` true."""
+    state, bundle, plan_box = ctx.state, ctx.bundle, ctx.plan_box
+    if not ctx.resuming:
+        write_hydra_record(run_dir, record)
+    write_status(run_dir, "running", "resumed" if ctx.resuming else "started", state.epoch, state.step)
+    tracker = None
     try:
-        fit(state, loaders, list(bundle.tasks), opts, cfg.trainer, hooks)
-        results = finish(cfg, run_dir, bundle, state, plan_box[0], loaders, opts, tracker, device, t0,
-                         feature_s)
+        _write_run_files(cfg, run_dir, bundle)
+        tracker = Tracker(run_dir)
+        hooks = _hooks(cfg, run_dir, plan_box, tracker, ctx.stop_after, bundle.tasks)
+        if ctx.resuming:
+            _resume(cfg, run_dir, state, plan_box)
+        else:
+            hooks.save(state, "last.pt")  # an interrupted first epoch still leaves a resumable start
+            _log_batch_grid(bundle, tracker)
+        log.info("model: %d parameters, %d trainable; device %s", plan_box[0].total, plan_box[0].trainable_count,
+                 ctx.device)
+        opts = LoopOptions(device=ctx.device, dtype=amp_dtype(ctx.device, cfg.trainer.precision),
+                           grad_clip=cfg.trainer.grad_clip, progress=_progress(cfg),
+                           class_weights=_class_weights(bundle, ctx.device))
+        loaders = make_loaders(bundle, cfg, ctx.device)
+        feature_s = None
+        if can_cache_features(cfg, state.model):
+            loaders, feature_s = cache_features(cfg, bundle, state.model, opts)
+        try:
+            fit(state, loaders, list(bundle.tasks), opts, cfg.trainer, hooks)
+            results = finish(cfg, run_dir, bundle, state, plan_box[0], loaders, opts, tracker, ctx.device, ctx.t0,
+                             feature_s)
+        finally:
+            state.model.inputs_are_features = False
+    except Interrupted as e:
+        write_status(run_dir, "interrupted", f"{e}; resume with: tlbench trainer.resume={run_dir}",
+                     state.epoch, state.step)
+        raise
+    except Diverged as e:
+        log.error("%s", e)
+        write_status(run_dir, "diverged", str(e), state.epoch, state.step)
+        raise
+    except BaseException as e:
+        log.error("the run failed: %s", e, exc_info=not isinstance(e, TlbenchError))
+        write_status(run_dir, "failed", f"{type(e).__name__}: {e}" if not isinstance(e, TlbenchError) else str(e),
+                     state.epoch, state.step)
+        raise
     finally:
-        tracker.close()
-        model.inputs_are_features = False
+        if tracker is not None:
+            tracker.close()
+    write_status(run_dir, "finished", "", state.epoch, state.step)
     return results
 
 
 def sweep_job(cfg: Config, run_dir: Path, sweep_dir: Path):
-    """Relaunching a sweep: a job whose config already finished somewhere in ``sweep_dir`` is
-    skipped (its results are returned); a job dir with ``last.pt`` but no results resumes."""
+    """Relaunching a sweep: a job whose config (full hash) already finished somewhere in
+    ``sweep_dir`` is skipped (its results are returned); a job dir holding an unfinished run of
+    the same config resumes; a job dir holding a run of another config is refused (exit 2,
+    naming the keys that differ): the sweep was changed, so it needs its own hydra.sweep.dir."""
     import dataclasses
-    import json
 
     want = config_hash(cfg)
     for other in sorted(Path(sweep_dir).rglob("config_hash")):
@@ -224,10 +348,15 @@ def sweep_job(cfg: Config, run_dir: Path, sweep_dir: Path):
         if other.read_text().strip() == want and done.is_file():
             log.info("skipping: this config (hash %s) already finished in %s", want, other.parent)
             return cfg, json.loads(done.read_text())
-    if (run_dir / "checkpoints" / "last.pt").is_file() and not cfg.trainer.resume:
-        log.info("resuming the unfinished job in %s", run_dir)
-        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume="auto"))
-    return cfg, None
+    if is_fresh(run_dir) or cfg.trainer.resume:
+        return cfg, None
+    diff = _differs(cfg, run_dir)
+    if diff:
+        raise TlbenchError(
+            f"{run_dir} holds a job of an earlier sweep with another config (differs in: {diff}); nothing was "
+            f"changed there. A changed sweep needs its own folder: add hydra.sweep.dir=NEW_DIR")
+    log.info("resuming the unfinished job in %s", run_dir)
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume="auto")), None
 
 
 def backbone_frozen(model) -> bool:

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from .errors import TlbenchError
 
@@ -28,9 +28,19 @@ class Problem:
     path: Path
     has_last: bool
     reason: str = ""
+    status: Optional[dict] = None  # status.json, when the run wrote one
 
     def line(self) -> str:
-        text = f"not finished: {self.path} (has last.pt: {'yes' if self.has_last else 'no'})"
+        state = ""
+        if self.status:
+            state = f"{self.status.get('state')}"
+            if self.status.get("epoch") is not None:
+                state += f" after epoch {self.status['epoch']}"
+            msg = " ".join(str(self.status.get("message") or "").split())
+            if self.status.get("state") in ("failed", "diverged") and msg:
+                state += f": {msg if len(msg) <= 120 else msg[:117] + '...'}"
+            state += "; "
+        text = f"not finished: {self.path} ({state}has last.pt: {'yes' if self.has_last else 'no'})"
         return f"{text} - {self.reason}" if self.reason else text
 
 
@@ -39,7 +49,8 @@ def _natural(path: Path):
 
 
 def _is_run_dir(d: Path) -> bool:
-    return (d / ".hydra" / "config.yaml").is_file() or (d / "results.json").is_file() or (d / "checkpoints").is_dir()
+    return ((d / ".hydra" / "config.yaml").is_file() or (d / "results.json").is_file()
+            or (d / "checkpoints").is_dir() or (d / "status.json").is_file())
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -61,13 +72,23 @@ def _read_yaml(path: Path):
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
+def _status(d: Path) -> Optional[dict]:
+    try:
+        data = json.loads((d / "status.json").read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def _load_run(d: Path):
     has_last = (d / "checkpoints" / "last.pt").is_file()
+    status = _status(d)
     if not (d / "results.json").is_file():
         try:  # name the run by its overrides, if it has them
-            return Problem(d, has_last, " ".join(map(str, _read_yaml(d / ".hydra" / "overrides.yaml") or [])))
+            return Problem(d, has_last, " ".join(map(str, _read_yaml(d / ".hydra" / "overrides.yaml") or [])),
+                           status)
         except Exception:
-            return Problem(d, has_last)
+            return Problem(d, has_last, "", status)
     try:
         results = json.loads((d / "results.json").read_text())
         if not isinstance(results, dict):
@@ -113,11 +134,11 @@ def collect_runs(paths: Iterable) -> tuple[list[Run], list[Problem]]:
             p = p.parent
         if not p.is_dir():
             raise TlbenchError(f"{p} is not a directory; give run directories or sweep directories "
-                               f"(folders holding .hydra/config.yaml, results.json or checkpoints/)")
+                               f"(folders holding .hydra/config.yaml, results.json, status.json or checkpoints/)")
         dirs = find_run_dirs(p)
         if not dirs:
             raise TlbenchError(f"no run directories under {p}: a run directory holds .hydra/config.yaml, "
-                               f"results.json or checkpoints/")
+                               f"results.json, status.json or checkpoints/")
         for d in dirs:
             if d.resolve() not in seen:
                 seen.add(d.resolve())
