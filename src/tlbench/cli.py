@@ -52,7 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if argv and argv[0] == "plan":
             return cmd_plan(argv[1:])
         if argv and argv[0] == "download":
-            from .run import download
+            from .build import download
 
             for line in download(compose(argv[1:])):
                 print(line)
@@ -338,7 +338,7 @@ def _make_task(debug: bool):
         try:
             cfg = to_config(OmegaConf.to_container(dcfg, resolve=True))
             if str(hc.mode) == "RunMode.MULTIRUN" and cfg.sweep.skip_finished:
-                from .run import sweep_job
+                from .record import sweep_job
 
                 cfg, results = sweep_job(cfg, run_dir, Path(hc.sweep.dir))
             else:
@@ -415,7 +415,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_plan(argv: list[str]) -> int:
-    from .run import plan_text
+    from .plan import plan_text
 
     as_json = "--json" in argv
     cfg = compose([a for a in argv if a != "--json"])

@@ -21,58 +21,18 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import TlbenchError
 from .runs import Run, collect_runs
+from .tables import _MISSING, FORMATS, Metric, Row, notes, plot, render
 
 ALIASES = {"model": "model.name", "freeze": "freeze.name", "dataset": "dataset.name", "optim": "optim.name",
            "sched": "sched.name"}
 # keys that never define a group by default (and may differ inside one without a warning)
 NOT_A_GROUP = ("seed", "trainer.resume", "trainer.progress")
 SPLITS = ("test", "val")
-PERCENT_WORDS = ("accuracy", "f1", "precision", "recall")
-FORMATS = {"md": "md", "markdown": "md", "csv": "csv", "latex": "latex", "tex": "latex"}
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class Metric:
-    split: str
-    name: str
-    task: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.split}/{self.name}/{self.task}"
-
-    @property
-    def percent(self) -> bool:
-        return any(w in self.name for w in PERCENT_WORDS)
-
-
-@dataclass
-class Row:
-    by: tuple
-    values: tuple  # the group's config values, in the order of ``by``
-    metric: Metric
-    runs: list
-    n: int
-    mean: Optional[float]
-    std: Optional[float]
-    ci95: Optional[float]
-    trainable: Optional[float]
-    best_epoch: Optional[float]
-    train_s: Optional[float]
-    eval_s: Optional[float]
-    train_img_s: Optional[float]
-    warnings: list = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return ", ".join(f"{k}={_show(v)}" for k, v in zip(self.by, self.values))
 
 
 # ----------------------------------------------------------------------------- keys and metrics
@@ -248,13 +208,6 @@ def aggregate(runs: Sequence[Run], by=None, metric=None) -> list[Row]:
     return rows
 
 
-def _show(v) -> str:
-    if v is _MISSING:
-        return "-"
-    return v if isinstance(v, str) else json.dumps(v)
-
-
-
 # ----------------------------------------------------------------------------- command
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -278,7 +231,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def compare_main(argv: list[str]) -> int:
     """``tlbench compare ...``; user mistakes raise :class:`TlbenchError`."""
-    from .tables import notes, plot, render
     try:
         args = _parser().parse_args(list(argv))
     except SystemExit as e:  # --help

@@ -235,6 +235,7 @@ class TrainState:
     best_epoch: Optional[int] = None
     bad_epochs: int = 0
     history: list = field(default_factory=list)
+    plan: object = None  # the FreezePlan in force (gradual unfreezing replaces it)
 
     def checkpoint(self, extra: dict) -> dict:
         from .checkpoint import rng_state
@@ -270,7 +271,7 @@ class FitHooks:
     save: Callable[[TrainState, str], None]
     log_epoch: Callable[[TrainState, dict], None]
     before_epoch: Optional[Callable[[TrainState, int], None]] = None
-    train_mode: Callable[[torch.nn.Module], None] = lambda m: m.train()  # frozen BN stays in eval
+    train_mode: Callable[["TrainState"], None] = lambda s: s.model.train()  # frozen BN stays in eval
     stop_after: Optional[int] = None  # tests: behave as if interrupted after this epoch
 
 
@@ -288,7 +289,7 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
                 hooks.before_epoch(state, epoch)
             loaders["train"].sampler.set_epoch(epoch)
             lrs = group_lrs(state.optimizer)
-            hooks.train_mode(state.model)
+            hooks.train_mode(state)
             try:
                 train = run_epoch(state.model, loaders["train"], tasks, opts, state.optimizer, state.scaler,
                                   tcfg.limit_train_batches, desc=f"epoch {epoch + 1} train")

@@ -73,11 +73,8 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     # the checkpoint holds every weight: do not look for pretrained files again
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None,
                                                              init_from=None))
-    out = run_dir / f"eval_{name or split}"
-    out.mkdir(parents=True, exist_ok=True)
-    from .run import _progress, build_everything, seed_everything
+    from .build import build_everything, progress_enabled, seed_everything
 
-    ensure_log_file(out, "eval.log")
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle, model, plan = build_everything(cfg)
     if ckpt.get("tasks") and bundle.tasks != ckpt["tasks"]:
@@ -87,8 +84,12 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
         )
     model.load_state_dict(ckpt["model"])
     device = select_device(cfg.trainer.device)
+    # only now, with the data and model built, is anything written into the run directory
+    out = run_dir / f"eval_{name or split}"
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_log_file(out, "eval.log")
     model.to(device)
-    opts = LoopOptions(device=device, progress=_progress(cfg))
+    opts = LoopOptions(device=device, progress=progress_enabled(cfg))
     if split == "all":  # every item of the source, e.g. a held-out folder
         from .data import SplitDataset
 

@@ -82,3 +82,12 @@ def plan_report(model, plan: FreezePlan, as_json: bool = False) -> str:
     shown = f" ({', '.join(bn[:4])}{', ...' if len(bn) > 4 else ''})" if bn else ""
     lines.append(f"BatchNorm kept in eval: {len(bn)}{shown}")
     return "\n".join(lines)
+
+
+def plan_text(cfg, as_json: bool) -> str:
+    """``tlbench plan``: build the model and freeze plan (data only for the task sizes)."""
+    from .build import build_everything, seed_everything
+
+    seed_everything(cfg.seed)
+    _, model, plan = build_everything(cfg)
+    return plan_report(model, plan, as_json)

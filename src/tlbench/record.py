@@ -16,6 +16,7 @@ A run directory belongs to one run. The rules this module enforces:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint import load as load_checkpoint
+from .config import Config, config_hash, to_dict
 from .errors import TlbenchError
 
 log = logging.getLogger(__name__)
@@ -235,3 +238,93 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _short(v) -> str:
     text = json.dumps(v) if not isinstance(v, str) else v
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ----------------------------------------------------------------------------- what the folder already holds
+def _old_config(run_dir: Path) -> Optional[dict]:
+    """The typed config a run directory was made with, as a dict (for naming differences)."""
+    import yaml
+
+    from .config import to_config
+
+    try:
+        data = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        return to_dict(to_config(data))
+    except Exception:  # noqa: BLE001 - an old or damaged record: fall back to the checkpoint
+        pass
+    try:
+        return load_checkpoint(run_dir / "checkpoints" / "last.pt").get("config")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _differs(cfg: Config, run_dir: Path) -> Optional[str]:
+    """None when ``run_dir`` was made with ``cfg`` (same config hash), else the keys that differ."""
+    path = run_dir / "config_hash"
+    saved = path.read_text().strip() if path.is_file() else None
+    if saved is None:
+        try:
+            saved = json.loads((run_dir / "results.json").read_text()).get("config_hash")
+        except (OSError, ValueError):
+            saved = None
+    if saved == config_hash(cfg):
+        return None
+    old = _old_config(run_dir)
+    diff = config_diff(old, to_dict(cfg)) if isinstance(old, dict) else []
+    return ", ".join(diff) or "its config hash"
+
+
+def preflight(cfg: Config, run_dir: Path, fresh: bool) -> Optional[dict]:
+    """Checks against what ``run_dir`` already holds, before anything is written. Returns the
+    results of a finished run that ``trainer.resume`` points at with the same config."""
+    resume = cfg.trainer.resume
+    if fresh:
+        if resume and resume != "auto":
+            if not (run_dir / ".hydra" / "overrides.yaml").is_file():
+                raise TlbenchError(f"trainer.resume={resume!r}: {run_dir} holds no run to resume (no checkpoints/last.pt)")
+            log.info("%s stopped before its first checkpoint: starting it from the beginning", run_dir)
+        return None
+    finished, has_last = (run_dir / "results.json").is_file(), (run_dir / "checkpoints" / "last.pt").is_file()
+    if not finished and not has_last:
+        raise TlbenchError(
+            f"{run_dir} is not empty and holds no tlbench run to continue (no results.json, no "
+            f"checkpoints/last.pt); nothing was changed there. Write elsewhere (another hydra.run.dir), or "
+            f"delete the folder if it is the leftover of a run that never started")
+    if not resume:
+        raise TlbenchError(
+            f"{run_dir} already holds a run ({'results.json' if finished else 'checkpoints/last.pt'}) and nothing "
+            f"was overwritten; continue it with trainer.resume={run_dir}, or write elsewhere (another hydra.run.dir)")
+    diff = _differs(cfg, run_dir)
+    if diff:
+        raise TlbenchError(
+            f"cannot resume {run_dir}: it was made with a different config (differs in: {diff}); nothing was "
+            f"changed there. Resume with the run's own overrides (trainer.resume={run_dir} alone), or start "
+            f"a new run elsewhere")
+    if finished:
+        log.info("%s already finished with this config (results.json exists); nothing to resume", run_dir)
+        return json.loads((run_dir / "results.json").read_text())
+    return None
+
+
+def sweep_job(cfg: Config, run_dir: Path, sweep_dir: Path):
+    """Relaunching a sweep: a job whose config (full hash) already finished somewhere in
+    ``sweep_dir`` is skipped (its results are returned); a job dir holding an unfinished run of
+    the same config resumes; a job dir holding a run of another config is refused (exit 2,
+    naming the keys that differ): the sweep was changed, so it needs its own hydra.sweep.dir."""
+    want = config_hash(cfg)
+    for other in sorted(Path(sweep_dir).rglob("config_hash")):
+        done = other.parent / "results.json"
+        if other.read_text().strip() == want and done.is_file():
+            log.info("skipping: this config (hash %s) already finished in %s", want, other.parent)
+            return cfg, json.loads(done.read_text())
+    if is_fresh(run_dir) or cfg.trainer.resume:
+        return cfg, None
+    diff = _differs(cfg, run_dir)
+    if diff:
+        raise TlbenchError(
+            f"{run_dir} holds a job of an earlier sweep with another config (differs in: {diff}); nothing was "
+            f"changed there. A changed sweep needs its own folder: add hydra.sweep.dir=NEW_DIR")
+    log.info("resuming the unfinished job in %s", run_dir)
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume="auto")), None
+
+

@@ -4,12 +4,63 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
-from .compare import FORMATS, Row, _show
-from .runs import Problem
 from .errors import TlbenchError
+from .runs import Problem
+
+PERCENT_WORDS = ("accuracy", "f1", "precision", "recall")
+FORMATS = {"md": "md", "markdown": "md", "csv": "csv", "latex": "latex", "tex": "latex"}
+_MISSING = object()  # a run without the key
+
+
+@dataclass(frozen=True)
+class Metric:
+    split: str
+    name: str
+    task: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.split}/{self.name}/{self.task}"
+
+    @property
+    def percent(self) -> bool:
+        return any(w in self.name for w in PERCENT_WORDS)
+
+
+@dataclass
+class Row:
+    by: tuple
+    values: tuple  # the group's config values, in the order of ``by``
+    metric: Metric
+    runs: list
+    n: int
+    mean: Optional[float]
+    std: Optional[float]
+    ci95: Optional[float]
+    trainable: Optional[float]
+    best_epoch: Optional[float]
+    train_s: Optional[float]
+    eval_s: Optional[float]
+    train_img_s: Optional[float]
+    warnings: list = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={_show(v)}" for k, v in zip(self.by, self.values))
+
+
+def _show(v) -> str:
+    if v is _MISSING:
+        return "-"
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+
 
 
 def _num(x, digits: int, sep: bool) -> str:

@@ -1,0 +1,76 @@
+"""Building a run's parts from the config, with no training state: seeding, data + model +
+freeze plan (``build_everything``), and ``tlbench download``. Used by ``run``, ``evaluate`` and
+``plan`` alike."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import Config
+from .data import build_data
+from .models import build_backbone, build_model
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def versions() -> dict:
+    import torchvision
+
+    try:
+        import timm
+
+        timm_v = timm.__version__
+    except ImportError:  # pragma: no cover - timm is a dependency
+        timm_v = None
+    return {"tlbench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm_v}
+
+
+def build_everything(cfg: Config):
+    """Data, model and freeze plan from the config (no training state)."""
+    from .freeze import apply_freeze
+
+    backbone = build_backbone(cfg.model)
+    bundle = build_data(cfg.dataset, backbone.input_spec)
+    sample = torch.stack([bundle.train[i][0] for i in range(min(2, len(bundle.train)))])
+    model = build_model(backbone, {t: len(n) for t, n in bundle.tasks.items()}, cfg.head, sample)
+    plan = apply_freeze(model, cfg.freeze, cfg.optim)
+    return bundle, model, plan
+
+
+def progress_enabled(cfg: Config) -> bool:
+    """tqdm bars: wanted and on a terminal."""
+    return cfg.trainer.progress and sys.stderr.isatty()
+
+
+def download(cfg: Config) -> list[str]:
+    """``tlbench download``: fetch the model's pretrained weights and the dataset into their
+    caches/roots (on a machine with network, for compute nodes that have none)."""
+    import dataclasses
+
+    from .data import load_source
+    from .models import SCRATCH
+
+    done = []
+    if cfg.model.name not in SCRATCH:
+        from .models.backbones import download_weights
+
+        done.append(f"weights for model={cfg.model.name}: {download_weights(cfg.model)}")
+    if cfg.dataset.name in ("cifar10", "emnist"):
+        src = load_source(dataclasses.replace(cfg.dataset, download=True))
+        done.append(f"dataset={cfg.dataset.name}: {len(src)} images in {cfg.dataset.root}")
+    elif cfg.dataset.name != "sklearn_digits":
+        done.append(f"dataset={cfg.dataset.name} has no downloader: put the folders under "
+                    f"{cfg.dataset.root} (docs/datasets.md says where to get them)")
+    return done
