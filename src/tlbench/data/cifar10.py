@@ -1,18 +1,23 @@
 """CIFAR-10 in torchvision's layout: ``ROOT/cifar-10-batches-py/`` python pickles.
 
-Reading goes through :class:`torchvision.datasets.CIFAR10` (and ``dataset.download=true``
-through its downloader). Its md5 checks are done here instead, as a warning: subsets in
-the official format (e.g. the shared test data) cannot match the official checksums.
+The batches are read here with a restricted unpickler: only the numpy array / dtype
+constructors the official files use are allowed, so a crafted ``data_batch_1`` cannot run
+code (an unrestricted ``pickle.load``, as torchvision's :class:`~torchvision.datasets.CIFAR10`
+does, would). torchvision is used for its constants and, with ``dataset.download=true``,
+for fetching the official archive (md5-checked), never for reading. The md5 sums of the
+batches are checked here as a warning: subsets in the official format (e.g. the shared test
+data) cannot match the official checksums.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
 import pickle
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets import CIFAR10
+from torchvision.datasets import CIFAR10  # constants only (folder, file names, md5 sums, url)
 from torchvision.datasets.utils import check_integrity
 
 from ..config import DatasetConfig
@@ -23,25 +28,119 @@ from .base import Source
 log = logging.getLogger(__name__)
 
 FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
-CHECKSUMS = dict(CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]])
+TRAIN_FILES = [name for name, _ in CIFAR10.train_list]  # data_batch_1..5
+TEST_FILES = [name for name, _ in CIFAR10.test_list]  # test_batch
+META_FILE = CIFAR10.meta["filename"]  # batches.meta
+CHECKSUMS = dict(CIFAR10.train_list + CIFAR10.test_list + [[META_FILE, CIFAR10.meta["md5"]]])
 FILES = list(CHECKSUMS)  # data_batch_1..5, test_batch, batches.meta
 LAYOUT = f"ROOT/{FOLDER}/{{data_batch_1, ..., data_batch_5, test_batch, batches.meta}}"
 DOWNLOAD_HINT = "Set dataset.download=true to fetch CIFAR-10 (163 MB) with torchvision's downloader."
+FORMAT = ("the official python-version batches: dicts with 'data' (N x 3072 uint8) and 'labels', "
+          "and 'label_names' in batches.meta")
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's array unpickling helper
 
 
-class _LenientCIFAR10(CIFAR10):
-    """torchvision's reader with presence checks only; :func:`load` checks the md5 sums."""
+def _numpy_attr(*candidates: str):
+    """The first of ``module:name`` that exists in this numpy (numpy 1 ``core``, numpy 2 ``_core``)."""
+    import importlib
 
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name in FILES)
+    for c in candidates:
+        module, name = c.split(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return None
 
-    def _load_meta(self) -> None:
-        path = Path(self.root) / self.base_folder / self.meta["filename"]
+
+# What a CIFAR-10 pickle may name: numpy's array, dtype and scalar constructors (written by
+# Python 2 / numpy 1 as numpy.core.multiarray, by numpy 2 as numpy._core) and, for batches
+# re-pickled by Python 3 with protocol <= 2, the bytes helper _codecs.encode. None of them runs
+# code of the file's choosing; everything else is refused.
+_SCALAR = _numpy_attr("numpy._core.multiarray:scalar", "numpy.core.multiarray:scalar")
+_FROMBUFFER = _numpy_attr("numpy._core.numeric:_frombuffer", "numpy.core.numeric:_frombuffer")
+ALLOWED = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("_codecs", "encode"): codecs.encode,
+}
+if _SCALAR is not None:
+    ALLOWED[("numpy.core.multiarray", "scalar")] = ALLOWED[("numpy._core.multiarray", "scalar")] = _SCALAR
+if _FROMBUFFER is not None:
+    ALLOWED[("numpy.core.numeric", "_frombuffer")] = ALLOWED[("numpy._core.numeric", "_frombuffer")] = _FROMBUFFER
+
+
+class _Refused(Exception):
+    """The pickle names something a CIFAR-10 batch never holds."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return ALLOWED[(module, name)]
+        except KeyError:
+            raise _Refused(f"{module}.{name}") from None
+
+
+def _unpickle(path: Path) -> dict:
+    """One CIFAR-10 pickle, read with the restricted unpickler; TlbenchError naming the file."""
+    try:
         with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-        self.classes = [str(c) for c in data[self.meta["key"]]]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+            return _RestrictedUnpickler(f, encoding="latin1").load()
+    except _Refused as e:
+        raise TlbenchError(
+            f"cannot read the CIFAR-10 pickles: {path} refers to {e}, which an official CIFAR-10 batch never "
+            "does; it was refused unread, because unpickling it could run code. Only numpy arrays, lists, "
+            f"dicts, strings and numbers are read from these files. They must be {FORMAT}; replace the file "
+            "with the official one (remove the folder and re-download with dataset.download=true)"
+        ) from None
+    except OSError as e:
+        raise TlbenchError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - truncated / not a pickle / inconsistent numpy state
+        raise TlbenchError(
+            f"cannot read the CIFAR-10 pickles: {path} is not a readable pickle ({type(e).__name__}: "
+            f"{str(e)[:200]}); they must be {FORMAT}. Remove the folder and re-download with dataset.download=true."
+        ) from None
+
+
+def _bad(path: Path, what: str) -> TlbenchError:
+    return TlbenchError(f"cannot read the CIFAR-10 pickles: {path} {what}; they must be {FORMAT}. Remove the "
+                        "folder and re-download with dataset.download=true.")
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 32 x 32 x 3 uint8, labels N int64) of one batch file."""
+    entry = _unpickle(path)
+    if not isinstance(entry, dict):
+        raise _bad(path, f"holds a {type(entry).__name__}, not a dict")
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    data, labels = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size % 3072:
+        raise _bad(path, "has no 'data' array of uint8 with 3072 values per image")
+    if labels is None:
+        raise _bad(path, "has no 'labels'")
+    try:
+        labels = np.asarray(labels)
+    except Exception:  # noqa: BLE001 - ragged or odd objects
+        raise _bad(path, "has 'labels' that are not a list of integers") from None
+    n = data.size // 3072
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != n:
+        raise _bad(path, f"has {len(labels) if labels.ndim == 1 else 'no list of'} integer labels for {n} images")
+    images = data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)  # HWC, as torchvision's reader
+    return images, labels.astype(np.int64)
+
+
+def _read_classes(path: Path) -> list[str]:
+    meta = _unpickle(path)
+    if isinstance(meta, dict):
+        meta = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in meta.items()}
+    names = meta.get(CIFAR10.meta["key"]) if isinstance(meta, dict) else None
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(c, (str, bytes)) for c in names):
+        raise _bad(path, "has no 'label_names' list")
+    return [c.decode("latin1") if isinstance(c, bytes) else str(c) for c in names]
 
 
 def _find_root(cfg: DatasetConfig) -> Path:
@@ -52,15 +151,34 @@ def _find_root(cfg: DatasetConfig) -> Path:
     return root
 
 
+def _missing(root: Path) -> list[str]:
+    return [name for name in FILES if not (root / FOLDER / name).is_file()]
+
+
 def _require_files(root: Path) -> None:
     """TlbenchError listing the files that are missing."""
-    folder = root / FOLDER
-    missing = [name for name in FILES if not (folder / name).is_file()]
+    missing = _missing(root)
     if missing:
         raise TlbenchError(
-            f"CIFAR-10 files missing in {folder}: {', '.join(missing)}. Expected layout (ROOT = "
+            f"CIFAR-10 files missing in {root / FOLDER}: {', '.join(missing)}. Expected layout (ROOT = "
             f"dataset.root = {root}): {LAYOUT}. {DOWNLOAD_HINT}"
         )
+
+
+def _download(root: Path) -> None:
+    """Fetch and unpack the official archive (md5-checked by torchvision) unless every file is there."""
+    if not _missing(root):
+        return
+    from torchvision.datasets import cifar as tv_cifar  # looked up at call time (tests patch it)
+
+    try:
+        tv_cifar.download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
+                                              md5=CIFAR10.tgz_md5)
+    except (OSError, RuntimeError) as e:  # no network, bad archive, md5 mismatch ...
+        raise TlbenchError(
+            f"dataset.download=true could not fetch CIFAR-10 from {CIFAR10.url} into {root} ({e}); "
+            f"without internet access, unpack cifar-10-python.tar.gz there by hand. Expected layout: {LAYOUT}"
+        ) from None
 
 
 def _warn_checksums(root: Path) -> None:
@@ -75,46 +193,27 @@ def _warn_checksums(root: Path) -> None:
         )
 
 
-def _read(root: Path, train: bool, download: bool = False) -> _LenientCIFAR10:
-    """One split through torchvision's reader (and downloader); failures become TlbenchError."""
-    try:
-        return _LenientCIFAR10(str(root), train=train, download=download)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as e:
-        files = "data_batch_1..5 and batches.meta" if train else "test_batch and batches.meta"
-        raise TlbenchError(
-            f"cannot read the CIFAR-10 pickles {files} in {root / FOLDER} ({type(e).__name__}: {e}); "
-            "they must be the official python-version batches: dicts with 'data' (N x 3072 uint8) "
-            "and 'labels', and 'label_names' in batches.meta. Remove the folder and re-download "
-            "with dataset.download=true."
-        ) from None
-    except (OSError, RuntimeError) as e:  # no network, bad archive, unreadable file ...
-        if not download:
-            raise TlbenchError(f"cannot read CIFAR-10 in {root / FOLDER}: {e}") from None
-        raise TlbenchError(
-            f"dataset.download=true could not fetch CIFAR-10 from {CIFAR10.url} into {root} ({e}); "
-            f"without internet access, unpack cifar-10-python.tar.gz there by hand. Expected layout: {LAYOUT}"
-        ) from None
-
-
 def load(cfg: DatasetConfig) -> Source:
     """CIFAR-10 train batches then the test batch; ``official_test`` = the test batch items."""
     root = _find_root(cfg)
-    if not cfg.download:
-        _require_files(root)
-    train = _read(root, train=True, download=cfg.download)  # torchvision skips present files
-    test = _read(root, train=False)
+    if cfg.download:
+        _download(root)
+    _require_files(root)
+    folder = root / FOLDER
+    classes = _read_classes(folder / META_FILE)
+    train = [_read_batch(folder / name) for name in TRAIN_FILES]
+    test = [_read_batch(folder / name) for name in TEST_FILES]
     _warn_checksums(root)
-    classes = list(train.classes)
-    images = np.concatenate([train.data, test.data]).astype(np.uint8, copy=False)
-    labels = np.asarray(list(train.targets) + list(test.targets), dtype=np.int64)
+    n_train = sum(len(lab) for _, lab in train)
+    images = np.concatenate([img for img, _ in train + test]).astype(np.uint8, copy=False)
+    labels = np.concatenate([lab for _, lab in train + test])
     bad = labels[(labels < 0) | (labels >= len(classes))]
     if len(bad):
         raise TlbenchError(
-            f"CIFAR-10 in {root / FOLDER} has label {int(bad[0])} but batches.meta names only "
+            f"CIFAR-10 in {folder} has label {int(bad[0])} but batches.meta names only "
             f"{len(classes)} classes ({', '.join(classes)}); the files are inconsistent"
         )
-    n_train = len(train.data)
-    log.info("CIFAR-10 from %s: %d train + %d test images", root / FOLDER, n_train, len(test.data))
+    log.info("CIFAR-10 from %s: %d train + %d test images", folder, n_train, len(images) - n_train)
     return Source(
         tasks={"label": classes},
         labels={"label": labels},

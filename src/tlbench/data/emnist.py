@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -73,7 +74,8 @@ def _download(root: Path, split: str) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         EMNIST(str(root), split=split, train=True, download=True)
-    except (OSError, RuntimeError, ValueError) as e:  # no network, bad archive, disk full ...
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as e:  # no network, bad
+        # archive, disk full, a legacy EMNIST/processed/*.pt that torchvision refuses (weights_only) ...
         raise TlbenchError(
             f"dataset.download=true could not fetch EMNIST from {EMNIST.url} into {root} ({e}); "
             f"without internet access, unzip gzip.zip there by hand. Expected layout: {LAYOUT}"

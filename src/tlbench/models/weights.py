@@ -65,9 +65,11 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
             sd = st_load(str(p), device="cpu")
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with non-tensor objects, ...
+    except Exception as e:  # corrupt file, pickle with non-tensor objects (refused unread), ...
+        from ..checkpoint import describe_load_error
+
         raise TlbenchError(
-            f"could not read weights from {p}: {type(e).__name__}: {e}. Expected a state dict saved with "
+            f"could not read weights from {p}: {describe_load_error(e, p)}. Expected a state dict saved with "
             "torch.save(model.state_dict(), ...) or a .safetensors file"
         ) from e
     for key in ("state_dict", "model"):
@@ -245,8 +247,10 @@ def init_from_state_dict(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], 
         )
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TlbenchError(f"could not read {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # truncated, not a checkpoint, a refused (crafted) pickle payload
+        from ..checkpoint import describe_load_error
+
+        raise TlbenchError(f"model.init_from: could not read {path}: {describe_load_error(e, path)}") from e
     model_sd = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(model_sd, dict):
         raise TlbenchError(f"{path} has no 'model' state dict; is it a tlbench checkpoint?")
