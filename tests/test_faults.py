@@ -377,8 +377,6 @@ def test_results_record_the_torch_thread_count(joblib_job, cli):
         assert _metrics(plain) == _metrics(job)
 
 
-@pytest.mark.xfail(strict=True, reason="cli._validate drops hydra/<group>=<option> overrides from its Hydra "
-                                       "compose, so hydra.launcher.* keys of the chosen launcher are unknown")
 def test_launcher_options_are_accepted(tmp_path):
     """README: ``hydra/launcher=joblib hydra.launcher.n_jobs=2`` runs a sweep in local processes."""
     _plugin("hydra_plugins.hydra_joblib_launcher")

@@ -179,7 +179,7 @@ def _validate(argv: list[str]) -> None:
 
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
     multirun = "-m" in argv or "--multirun" in argv
-    hydra_overrides = [a for a in argv if a.startswith("hydra.")]
+    hydra_overrides = [a for a in argv if a.startswith(("hydra.", "hydra/"))]
     hc = _hydra_compose(prepare(_first_values(overrides)) + hydra_overrides, hydra_cfg=True)
     if not multirun:
         check_writable(Path(str(hc.hydra.run.dir)), "the run directory")

@@ -8,6 +8,7 @@ checkpoint, after training.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,10 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
     t0 = time.perf_counter()
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    elif os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() < (os.cpu_count() or 1):
+        log.info("torch uses %d CPU thread(s) (OMP_NUM_THREADS=%s, e.g. set by the joblib launcher); a plain run "
+                 "here uses more and its numbers differ in the last digits: set trainer.num_threads to compare "
+                 "runs exactly", torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle, model, plan = build_everything(cfg)
     device = select_device(cfg.trainer.device)
