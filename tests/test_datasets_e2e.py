@@ -330,8 +330,16 @@ def test_eval_on_another_root_with_the_same_classes(cli, tmp_path):
     assert all(r["path"].split("/")[0] == r["target_name"] for r in rows)
     res = json.loads((out / "results.json").read_text())
     acc = sum(r["target"] == r["pred"] for r in rows) / len(rows)
-    assert res["test"]["label"]["accuracy"] == acc
+    assert res["split"] == "all" and res["all"]["label"]["accuracy"] == acc
     assert json.loads((run / "results.json").read_text())["test"]["label"]["n"] == 4  # the run's own test untouched
+    # split=val re-scores the best checkpoint on the run's own validation split: the metrics are
+    # stored under "val" and equal what the run reported for validation
+    assert main(["eval", str(run), "split=val"]) == 0
+    res = json.loads((run / "eval_val" / "results.json").read_text())
+    assert "test" not in res and res["split"] == "val"
+    own = json.loads((run / "results.json").read_text())["val"]["label"]
+    assert res["val"]["label"]["accuracy"] == own["accuracy"]
+    assert res["val"]["label"]["loss"] == pytest.approx(own["loss"], rel=1e-6)
     other = tmp_path / "other_classes"
     fx.write_class_tree(other, {"bird": 3, "fish": 3})
     assert main(["eval", str(run), f"dataset.root={other}", "split=all"]) == 2

@@ -11,7 +11,8 @@ from .data.loaders import make_loaders
 from .engine import LoopOptions, run_epoch, select_device
 from .errors import TlbenchError
 from .metrics import compute_metrics
-from .tracking import ensure_log_file, save_confusion, write_json, write_predictions, write_report
+from .record import close_log, open_log
+from .tracking import save_confusion, write_json, write_predictions, write_report
 
 
 def evaluate_split(model, loader, tasks, opts, limit=None) -> dict:
@@ -87,25 +88,27 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     # only now, with the data and model built, is anything written into the run directory
     out = run_dir / f"eval_{name or split}"
     out.mkdir(parents=True, exist_ok=True)
-    ensure_log_file(out, "eval.log")
-    model.to(device)
-    opts = LoopOptions(device=device, progress=progress_enabled(cfg))
-    if split == "all":  # every item of the source, e.g. a held-out folder
-        from .data import SplitDataset
+    open_log(out, "eval.log")
+    try:
+        model.to(device)
+        opts = LoopOptions(device=device, progress=progress_enabled(cfg))
+        if split == "all":  # every item of the source, e.g. a held-out folder
+            from .data import SplitDataset
 
-        bundle.test = SplitDataset(bundle.source, range(len(bundle.source)), list(bundle.tasks),
-                                   bundle.eval_transform)
-        bundle.splits = {"test": list(range(len(bundle.source)))}
-    elif split != "test":
-        bundle.test = getattr(bundle, split)
-    loader = make_loaders(bundle, cfg, device)["test"]
-    metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
-                           ecfg=cfg.eval)
-    write_json(out / "results.json", {
-        "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
-        "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],
-        "params": {"total": plan.total, "trainable": plan.trainable_count}, "test": metrics,
-    })
-    write_json(out / "splits.json", bundle.splits)
+            bundle.test = SplitDataset(bundle.source, range(len(bundle.source)), list(bundle.tasks),
+                                       bundle.eval_transform)
+            bundle.splits = {"test": list(range(len(bundle.source)))}
+        elif split != "test":
+            bundle.test = getattr(bundle, split)
+        loader = make_loaders(bundle, cfg, device)["test"]
+        metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
+                               ecfg=cfg.eval)
+        write_json(out / "results.json", {
+            "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
+            "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],
+            "params": {"total": plan.total, "trainable": plan.trainable_count}, split: metrics,
+        })
+        write_json(out / "splits.json", bundle.splits)
+    finally:
+        close_log(out, "eval.log")
     return out
-

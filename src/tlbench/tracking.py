@@ -17,20 +17,6 @@ from .metrics import classification_report
 log = logging.getLogger(__name__)
 
 
-def ensure_log_file(run_dir: Path, name: str = "train.log") -> None:
-    """Log to ``run_dir/train.log`` unless Hydra already does (it does for CLI runs)."""
-    path = str((Path(run_dir) / name).resolve())
-    root = logging.getLogger()
-    for h in root.handlers:
-        if isinstance(h, logging.FileHandler) and os.path.abspath(h.baseFilename) == path:
-            return
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-
-
 class Tracker:
     """TensorBoard scalars/images/hparams under ``run_dir/tb``."""
 
