@@ -107,7 +107,9 @@ def test_list_and_help(tmp_path):
     out = _tlbench("list", "models", cwd=tmp_path)
     assert out.returncode == 0 and "cnn" in out.stdout and "mlp" in out.stdout
     out = _tlbench("--help", cwd=tmp_path)
-    assert out.returncode == 0 and "dataset" in out.stdout
+    # the header's subcommands and Hydra's generated groups (every option of dataset and model)
+    assert out.returncode == 0 and "tlbench eval RUN_DIR" in out.stdout
+    assert "dataset: chest_xray, cifar10, emnist" in out.stdout and "model: cait_s24, cnn" in out.stdout
     out = _tlbench("--cfg", "job", "model=mlp", cwd=tmp_path)
     assert out.returncode == 0 and "name: mlp" in out.stdout
 
@@ -142,3 +144,28 @@ def test_sigterm_saves_last_checkpoint(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert 2 <= ckpt["epoch"] < 400
     assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.parametrize("sub, words", [("eval", ("split=test|val|train|all", "example: tlbench eval")),
+                                         ("plan", ("--json", "example: tlbench plan")),
+                                         ("list", ("WHAT", "example: tlbench list")),
+                                         ("download", ("model=NAME", "example: tlbench download"))])
+def test_subcommand_help(sub, words, capsys):
+    from tlbench.cli import main
+
+    assert main([sub, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(w in out for w in words)
+
+
+def test_list_accepts_singular_and_plural_with_whole_descriptions(capsys):
+    from tlbench.cli import main
+
+    assert main(["list", "dataset"]) == 0
+    singular = capsys.readouterr().out
+    assert main(["list", "datasets"]) == 0
+    assert capsys.readouterr().out == singular and "cifar10" in singular
+    assert main(["list", "experiment"]) == 0 and main(["list", "experiments"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("chest_xray_fe_vs_ft"))
+    assert line.rstrip().endswith("training from scratch.")  # the whole first paragraph, not one line of it

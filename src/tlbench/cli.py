@@ -21,7 +21,41 @@ from typing import Optional
 from .errors import TlbenchError, choices
 
 GROUPS = {"datasets": "dataset", "models": "model", "freeze": "freeze", "optim": "optim",
-          "sched": "sched", "trainer": "trainer", "experiment": "experiment"}
+          "sched": "sched", "trainer": "trainer", "experiments": "experiment"}
+GROUPS.update({v: v for v in list(GROUPS.values())})  # singular and plural both work
+SUBCOMMAND_HELP = {
+    "eval": """usage: tlbench eval RUN_DIR [split=test|val|train|all] [name=NAME] [dataset.KEY=VALUE ...]
+
+Re-evaluate RUN_DIR's best checkpoint (checkpoints/best.pt) into RUN_DIR/eval_<name>/ with the
+run's file contract (results.json, predictions/, reports, figures). The metrics are stored
+under the split's name.
+  split=test|val|train   one of the run's own splits (default test)
+  split=all              every item of dataset.root (e.g. a held-out folder with the same classes)
+  name=NAME              the output folder eval_NAME (default: the split)
+  dataset.KEY=VALUE      dataset settings to change, e.g. dataset.root=/data/held_out
+
+example: tlbench eval outputs/2026-11-30/12-00-00 dataset.root=/data/held_out split=all name=held_out""",
+    "plan": """usage: tlbench plan [key=value ...] [--json]
+
+Build the model and its freeze plan without training: blocks, parameter counts, what trains,
+the optimizer groups and their learning rates. Takes the same overrides as training.
+  --json   the plan as JSON
+
+example: tlbench plan model=efficientnet_lite0 freeze=last_block""",
+    "list": """usage: tlbench list WHAT
+
+The options of a config group, with their descriptions. WHAT: dataset(s), model(s), freeze,
+optim, sched, trainer, experiment(s).
+
+example: tlbench list models""",
+    "download": """usage: tlbench download model=NAME [dataset=NAME dataset.root=DIR]
+
+Fetch the model's pretrained weights into the torchvision / Hugging Face caches and the
+dataset into dataset.root (CIFAR-10, EMNIST), on a machine with network, for compute nodes
+that have none. Folder datasets have no downloader.
+
+example: tlbench download model=deit_base_distilled dataset=cifar10 dataset.root=data/cifar10""",
+}
 HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion",
                     "-sc", "--version", "--resolve", "-p", "--package")
 
@@ -45,6 +79,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     allow_code = "--allow-code" in argv
     argv = [a for a in argv if a not in ("--debug", "--allow-code")]
     try:
+        if len(argv) > 1 and argv[0] in SUBCOMMAND_HELP and ("--help" in argv[1:] or "-h" in argv[1:]):
+            print(SUBCOMMAND_HELP[argv[0]])
+            return 0
         if argv and argv[0] == "list":
             return cmd_list(argv[1:])
         if argv and argv[0] == "eval":
@@ -389,10 +426,21 @@ def cmd_list(argv: list[str]) -> int:
         raise TlbenchError(f"usage: tlbench list WHAT, where WHAT is one of {choices(GROUPS)}")
     folder = conf_dir() / GROUPS[argv[0]]
     for path in sorted(folder.glob("*.yaml")):
-        comments = [ln for ln in path.read_text().splitlines() if ln.startswith("#") and not ln.startswith("# @")]
-        doc = comments[0].lstrip("# ").strip() if comments else ""
-        print(f"{path.stem:24s} {doc}")
+        print(f"{path.stem:24s} {_description(path)}")
     return 0
+
+
+def _description(path: Path) -> str:
+    """The first paragraph of the comment block at the top of a config file, as one line (whole
+    sentences; indented example commands and what follows them are left to the file)."""
+    lines = []
+    for ln in path.read_text().splitlines():
+        if ln.startswith("# @"):
+            continue
+        if not ln.startswith("#") or ln.startswith("#  ") or not ln.strip("# "):
+            break
+        lines.append(ln.lstrip("#").strip())
+    return " ".join(x for x in lines if x)
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -424,8 +472,14 @@ def cmd_plan(argv: list[str]) -> int:
 
 
 def main_exit() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point (a closed pipe, e.g. ``| head``, ends quietly)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
