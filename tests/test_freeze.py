@@ -230,3 +230,22 @@ def test_freeze_groups_give_blocks_their_own_learning_rate():
             build_everything(compose([f"freeze.groups={bad}"]))
     with pytest.raises(TlbenchError, match="layer_decay"):
         build_everything(compose(["freeze.groups=[stages.0:0.001]", "optim.layer_decay=0.5"]))
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_linear_probe_bn_setting_means_what_it_says(cli, bn):
+    """freeze=linear_probe with freeze.bn=train: the frozen backbone's BatchNorm statistics do
+    update (and its features are therefore not cached); with bn=eval they stay bit-equal."""
+    import torch
+
+    code, rd = cli("freeze=linear_probe", f"freeze.bn={bn}", "trainer.max_epochs=1", "trainer.batch_size=128")
+    assert code == 0
+    first, best = (torch.load(rd / "checkpoints" / f, weights_only=True)["model"] for f in ("last.prev.pt", "best.pt"))
+    stats = [k for k in best if k.startswith("backbone.") and k.endswith("running_mean")]
+    assert stats
+    same = all(torch.equal(first[k], best[k]) for k in stats)
+    res = json.loads((rd / "results.json").read_text())
+    if bn == "eval":
+        assert same and res["time"]["feature_cache_s"] is not None
+    else:
+        assert not same and res["time"]["feature_cache_s"] is None

@@ -23,9 +23,10 @@ def backbone_frozen(model) -> bool:
 
 def can_cache_features(cfg: Config, model) -> bool:
     """The backbone is a fixed function of the image: no trainable parameter, no random
-    augmentation, no gradual unfreezing. Then its features are computed once."""
+    augmentation, no gradual unfreezing, BatchNorm statistics fixed (``freeze.bn=eval``). Then
+    its features are computed once."""
     return (cfg.trainer.cache_features and cfg.dataset.augment == "none" and not cfg.freeze.gradual
-            and backbone_frozen(model))
+            and cfg.freeze.bn != "train" and backbone_frozen(model))
 
 
 def cache_features(cfg: Config, bundle, model, opts: LoopOptions):

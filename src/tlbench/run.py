@@ -72,6 +72,10 @@ def _hooks(cfg: Config, run_dir: Path, tracker: Tracker, stop_after, tasks) -> F
         set_bn_eval(state.model, state.plan)
         if backbone_frozen(state.model):  # a frozen feature extractor runs as in inference (no dropout)
             state.model.backbone.eval()
+            if cfg.freeze.bn == "train":  # ... except its BatchNorm, which updates its statistics as asked
+                for m in state.model.backbone.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.train()
 
     return FitHooks(save=save, log_epoch=log_epoch, before_epoch=_gradual_hook(cfg),
                     train_mode=train_mode, stop_after=stop_after)
