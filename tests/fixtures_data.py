@@ -190,3 +190,37 @@ def write_handwritten_digits(root: Path, languages=("English", "Thai"), per_digi
                 else:
                     mode, size = ("L", "P")[k % 2], (28, 28)
                 write_image(Path(root) / language / str(digit) / f"{digit}-{k:03d}.png", digit, mode, size)
+
+
+# ----------------------------------------------------------------------------- 16-bit images
+def gray16(size=(20, 16), seed: int = 0) -> np.ndarray:
+    """(h, w) uint16 gray levels over the whole 16-bit range (not multiples of 257)."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 65536, size=(h, w), dtype=np.uint16)
+
+
+def to_8bit(a16: np.ndarray) -> np.ndarray:
+    """The 8-bit version of 16-bit levels: round(v / 257) (65535 -> 255)."""
+    return np.round(np.asarray(a16, dtype=np.float64) / 257.0).astype(np.uint8)
+
+
+def write_png16(path: Path, a16: np.ndarray) -> Path:
+    """A 16-bit PNG (grayscale (h, w), or RGB (h, w, 3)), encoded by hand: Pillow writes 16-bit
+    grayscale but not 16-bit RGB."""
+    import zlib
+
+    a = np.asarray(a16, dtype=">u2")
+    color = 0 if a.ndim == 2 else 2
+    h, w = a.shape[:2]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = b"".join(b"\x00" + a[y].tobytes() for y in range(h))  # filter type 0 per row
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
+    return path

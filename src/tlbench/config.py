@@ -226,14 +226,26 @@ def _check_choice(key: str, value, valid) -> None:
         raise TlbenchError(f"{key}={value!r} is not valid; choose one of {choices(valid)}")
 
 
-def _check_range(key: str, value, lo=None, hi=None, lo_open=False) -> None:
+def _check_range(key: str, value, lo=None, hi=None, lo_open=False, hi_open=False, why: str = "") -> None:
     if value is None:
         return
+    why = f" ({why})" if why else ""
     if lo is not None and (value < lo or (lo_open and value == lo)):
         bound = f"> {lo}" if lo_open else f">= {lo}"
-        raise TlbenchError(f"{key}={value!r} is out of range; it must be {bound}")
-    if hi is not None and value > hi:
-        raise TlbenchError(f"{key}={value!r} is out of range; it must be <= {hi}")
+        raise TlbenchError(f"{key}={value!r} is out of range; it must be {bound}{why}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        bound = f"< {hi}" if hi_open else f"<= {hi}"
+        raise TlbenchError(f"{key}={value!r} is out of range; it must be {bound}{why}")
+
+
+def _check_sizes(key: str, values, what: str) -> None:
+    """Every entry of a list of layer sizes is a positive integer."""
+    for i, v in enumerate(values):
+        if v < 1:
+            raise TlbenchError(f"{key}={list(values)!r}: entry {i} is {v}; {what} must be positive integers")
+
+
+FOLDER_DATASETS = ("handwritten_digits", "chest_xray", "image_folder")
 
 
 def validate(cfg: Config) -> Config:
@@ -283,7 +295,79 @@ def validate(cfg: Config) -> Config:
     _check_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
     _check_range("model.image_size", cfg.model.image_size, 8)
     _check_choice("model.in_chans", cfg.model.in_chans, (1, 3))
+    _validate_more(cfg)
     return cfg
+
+
+def _validate_more(cfg: Config) -> None:
+    """Values that used to pass and then train on nonsense (or fail with a traceback)."""
+    d, m, o, s, f = cfg.dataset, cfg.model, cfg.optim, cfg.sched, cfg.freeze
+    _check_range("seed", cfg.seed, 0, 2**32 - 1)
+    _check_range("dataset.split_seed", d.split_seed, 0, 2**32 - 1)
+    if d.classes and d.name not in FOLDER_DATASETS:
+        raise TlbenchError(
+            f"dataset.classes={list(d.classes)!r} does not apply to dataset={d.name!r}, whose classes are "
+            f"fixed; it selects class folders of {', '.join(FOLDER_DATASETS)} only. Remove it")
+    # the model
+    _check_sizes("head.hidden", cfg.head.hidden, "hidden layer sizes")
+    _check_sizes("model.hidden", m.hidden, "hidden layer sizes")
+    _check_sizes("model.channels", m.channels, "channel counts")
+    _check_range("model.convs_per_stage", m.convs_per_stage, 1)
+    if m.name == "cnn" and not m.channels:
+        raise TlbenchError("model.channels=[] leaves the cnn without a convolution; give one width per stage, "
+                           "e.g. model.channels=[32,64]")
+    if m.name == "mlp" and not m.hidden:
+        raise TlbenchError("model.hidden=[] leaves the mlp without a layer; give at least one hidden size, "
+                           "e.g. model.hidden=[256,128]")
+    # the optimizer and the schedule
+    for i, b in enumerate(o.betas):
+        _check_range(f"optim.betas[{i}]", b, 0.0, 1.0, hi_open=True)
+    if o.nesterov and o.name != "sgd":
+        raise TlbenchError(f"optim.nesterov=true only applies to optim=sgd, not optim={o.name}")
+    if o.nesterov and o.momentum == 0:
+        raise TlbenchError(f"optim.nesterov=true needs optim.momentum > 0, but optim.momentum={o.momentum!r}")
+    _check_range("sched.gamma", s.gamma, 0.0, 1.0, lo_open=True,
+                 why="the lr is multiplied by it every step_size epochs")
+    _check_range("sched.factor", s.factor, 0.0, 1.0, lo_open=True, hi_open=True,
+                 why="the lr is multiplied by it on a plateau")
+    _check_range("sched.patience", s.patience, 0)
+    _check_range("sched.min_lr", s.min_lr, 0.0)
+    if f.groups and o.layer_decay is not None:
+        raise TlbenchError(f"freeze.groups={list(f.groups)!r} and optim.layer_decay={o.layer_decay!r} both set block "
+                           "learning rates; use one of them")
+
+
+def check_tasks(cfg: Config, tasks: dict[str, list[str]]) -> None:
+    """Checks that need the dataset's tasks (``{task: class names}``), known once the data is
+    built; ``build.build_everything`` (data + model + freeze plan, used by train, eval and plan)
+    calls it right after ``build_data``, so before training.
+
+    - ``eval.topk``: a k (> 1) that is not smaller than the number of classes of any task would
+      be dropped silently (top-k of k classes is always 1). The default ``[1, 3]`` is exempt:
+      it reports top-3 where a task has more than 3 classes.
+    - ``eval.positive_class``: must name a class of every binary task; with no binary task it
+      means nothing.
+    """
+    e = cfg.eval
+    sizes = ", ".join(f"task {t!r} has {len(n)} classes" for t, n in tasks.items())
+    if tuple(e.topk) != EvalConfig().topk:
+        most = max((len(n) for n in tasks.values()), default=0)
+        for k in e.topk:
+            if k > 1 and k >= most:
+                raise TlbenchError(
+                    f"eval.topk={list(e.topk)!r}: top-{k} needs more than {k} classes, but {sizes} "
+                    f"(top-k of all classes is always 1); use values below {most}")
+    if e.positive_class is not None:
+        binary = {t: n for t, n in tasks.items() if len(n) == 2}
+        if not binary:
+            raise TlbenchError(
+                f"eval.positive_class={e.positive_class!r} applies to binary (2-class) tasks, but {sizes}; "
+                "remove it")
+        for t, names in binary.items():
+            if e.positive_class not in names:
+                raise TlbenchError(
+                    f"eval.positive_class={e.positive_class!r} is not a class of task {t!r}; choose one of "
+                    f"{choices(names)}")
 
 
 def to_config(data: dict) -> Config:

@@ -61,8 +61,24 @@ class Source:
         return h.hexdigest()[:16]
 
 
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale (PNG/TIFF) as Pillow opens it
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit grayscale (Pillow's ``I;16*``, and ``I``, read as 16-bit) -> 8-bit ``L``, scaled by
+    1/257 and rounded (65535 -> 255). Pillow's own ``convert`` would clip every value above 255.
+    Other modes are returned unchanged (16-bit RGB(A) PNGs already open as 8-bit RGB(A))."""
+    if im.mode not in HIGH_DEPTH_MODES:
+        return im
+    a = np.asarray(im).astype(np.int64)  # I;16B etc. decode to native integers here
+    a = np.clip(a, 0, 65535)
+    return Image.fromarray(((a + 128) // 257).astype(np.uint8))  # 2-d uint8: mode L
+
+
 def _flatten_alpha(im: Image.Image) -> Image.Image:
-    """RGBA/LA/P-with-transparency onto a white background; everything else unchanged."""
+    """16-bit grayscale to 8-bit (:func:`to_8bit`); RGBA/LA/P-with-transparency onto a white
+    background; everything else unchanged."""
+    im = to_8bit(im)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA"):

@@ -1,0 +1,117 @@
+"""Inputs that used to be read wrong or checked too late: 16-bit PNGs in folder datasets, and
+the eval settings that need the dataset's classes (``config.check_tasks``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fixtures_data as fx
+from tlbench.config import Config, DatasetConfig, EvalConfig, check_tasks
+from tlbench.data import build_data
+from tlbench.errors import TlbenchError
+from tlbench.models.base import InputSpec
+
+# identity normalization: the tensors are the pixel values in [0, 1]
+PLAIN = InputSpec(size=0, channels=3, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize=False)
+SIZE = (16, 16)  # square: the folder loader's resize to the first image's size is then a no-op
+
+
+def _tree(root, write) -> None:
+    """ROOT/<a|b>/img_<k>.png, 6 images per class; ``write(path, label, k)`` writes one."""
+    for label, name in enumerate(("a", "b")):
+        for k in range(6):
+            write(root / name / f"img_{k}.png", label, k)
+
+
+def _pixels(root) -> dict[str, torch.Tensor]:
+    cfg = DatasetConfig(name="image_folder", root=str(root), val_fraction=0.25, test_fraction=0.25)
+    bundle = build_data(cfg, PLAIN)
+    return {s: getattr(bundle, s).x for s in ("train", "val", "test")}
+
+
+def _gray16(label: int, k: int) -> np.ndarray:
+    return fx.gray16(SIZE, seed=100 * label + k)
+
+
+def _rgb16(label: int, k: int) -> np.ndarray:
+    return np.stack([fx.gray16(SIZE, seed=1000 * c + 100 * label + k) for c in range(3)], -1)
+
+
+@pytest.mark.parametrize("levels", [_gray16, _rgb16], ids=["gray16", "rgb16"])
+def test_16bit_png_reads_like_its_8bit_version(tmp_path, levels):
+    """Pillow opens 16-bit grayscale PNGs as I;16, and its convert() clips: 99.6% of the pixels
+    became 255. The loader scales by 1/257 instead (16-bit RGB already opens as 8-bit)."""
+    from PIL import Image
+
+    _tree(tmp_path / "png16", lambda p, lab, k: fx.write_png16(p, levels(lab, k)))
+    _tree(tmp_path / "png8", lambda p, lab, k: (p.parent.mkdir(parents=True, exist_ok=True),
+                                                Image.fromarray(fx.to_8bit(levels(lab, k))).save(p)))
+    got, want = _pixels(tmp_path / "png16"), _pixels(tmp_path / "png8")
+    for split in want:
+        assert got[split].shape == want[split].shape
+        assert (got[split] - want[split]).abs().max().item() <= 1 / 255 + 1e-6, split
+    # and the images are not saturated: their mean gray level is mid-range, like the 8-bit files
+    assert 0.3 < float(got["train"].mean()) < 0.7
+
+
+def test_16bit_full_range_maps_onto_8bit_full_range():
+    from PIL import Image
+
+    from tlbench.data.base import to_8bit
+
+    a = np.array([[0, 128, 129, 257, 32896, 65278, 65535]], dtype=np.uint16)
+    out = np.asarray(to_8bit(Image.fromarray(a)))
+    assert out.dtype == np.uint8 and out.tolist() == [[0, 0, 1, 1, 128, 254, 255]]
+
+
+# ----------------------------------------------------------------------------- check_tasks
+def _cfg(**ev) -> Config:
+    return Config(eval=EvalConfig(**ev))
+
+
+TEN = {"label": [str(d) for d in range(10)]}
+BINARY = {"label": ["Covid", "Normal"]}
+MULTI = {"digit": [str(d) for d in range(10)], "language": ["English", "Thai"]}
+
+
+@pytest.mark.parametrize("topk, tasks, words", [
+    ((1, 20), TEN, ["eval.topk=[1, 20]", "top-20", "'label' has 10 classes"]),
+    ((1, 10), TEN, ["top-10", "10 classes"]),  # top-10 of 10 classes is always 1
+    ((1, 3), {"label": ["a", "b", "c"]}, None),  # the default: exempt (reported where it applies)
+    ((1, 5), MULTI, None),  # reported for the digit task
+    ((1, 12), MULTI, ["top-12", "'language' has 2 classes"]),
+    ((2,), BINARY, ["top-2"]),
+])
+def test_topk_must_be_below_the_number_of_classes(topk, tasks, words):
+    if words is None:
+        check_tasks(_cfg(topk=topk), tasks)
+        return
+    with pytest.raises(TlbenchError) as e:
+        check_tasks(_cfg(topk=topk), tasks)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_default_topk_passes_on_a_binary_task():
+    check_tasks(Config(), BINARY)  # [1, 3]: top-3 is simply not reported for 2 classes
+
+
+@pytest.mark.parametrize("positive, tasks, words", [
+    ("Covid", BINARY, None),
+    ("covid", BINARY, ["'covid'", "'Covid'", "'Normal'"]),  # exact names, as the reports use them
+    ("Sick", BINARY, ["eval.positive_class='Sick'", "'Normal'"]),
+    ("7", TEN, ["binary", "10 classes"]),
+    ("Thai", MULTI, None),  # the language task is binary
+    ("Lao", MULTI, ["'Lao'", "'language'", "'Thai'"]),
+])
+def test_positive_class_must_name_a_class_of_the_binary_tasks(positive, tasks, words):
+    cfg = _cfg(positive_class=positive)
+    if words is None:
+        check_tasks(cfg, tasks)
+        return
+    with pytest.raises(TlbenchError) as e:
+        check_tasks(cfg, tasks)
+    for w in words:
+        assert w in str(e.value)
