@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import Config
+from .config import Config, check_tasks
 from .data import build_data
 from .models import build_backbone, build_model
 
@@ -43,6 +43,7 @@ def build_everything(cfg: Config):
 
     backbone = build_backbone(cfg.model)
     bundle = build_data(cfg.dataset, backbone.input_spec)
+    check_tasks(cfg, bundle.tasks)  # eval.topk / eval.positive_class need the classes: before any training
     sample = torch.stack([bundle.train[i][0] for i in range(min(2, len(bundle.train)))])
     model = build_model(backbone, {t: len(n) for t, n in bundle.tasks.items()}, cfg.head, sample)
     plan = apply_freeze(model, cfg.freeze, cfg.optim)

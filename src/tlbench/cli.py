@@ -423,7 +423,8 @@ def _print_summary(run_dir: Path, results: dict) -> None:
 # ----------------------------------------------------------------------------- list / eval / plan
 def cmd_list(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in GROUPS:
-        raise TlbenchError(f"usage: tlbench list WHAT, where WHAT is one of {choices(GROUPS)}")
+        given = f"{' '.join(argv)!r} is not a config group; " if argv else ""
+        raise TlbenchError(f"tlbench list: {given}usage: tlbench list WHAT, where WHAT is one of {choices(GROUPS)}")
     folder = conf_dir() / GROUPS[argv[0]]
     for path in sorted(folder.glob("*.yaml")):
         print(f"{path.stem:24s} {_description(path)}")

@@ -123,6 +123,8 @@ class TrainerConfig:
     cache_features: bool = True  # frozen backbone + no augmentation: compute its features once
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
     deterministic: bool = True
+    divergence_factor: Optional[float] = 1000.0  # stop (status diverged) when an epoch's train loss
+    # exceeds this x epoch 1's; None = off (NaN/inf always stops)
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,7 @@ def validate(cfg: Config) -> Config:
     _check_range("trainer.limit_train_batches", t.limit_train_batches, 1)
     _check_range("trainer.limit_eval_batches", t.limit_eval_batches, 1)
     _check_range("trainer.num_threads", t.num_threads, 1)
+    _check_range("trainer.divergence_factor", t.divergence_factor, 1.0, lo_open=True)
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise TlbenchError(f"trainer.device={dev!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
