@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import sys
 import time
@@ -106,18 +105,53 @@ def autocast(opts: "LoopOptions"):
     return torch.autocast(opts.device.type, dtype=opts.dtype) if opts.dtype else contextlib.nullcontext()
 
 
+class _Sums:
+    """Running sums of an epoch, kept on the device: no host sync per batch. ``value()`` syncs
+    once (one ``.tolist()`` of a stacked tensor)."""
+
+    def __init__(self, tasks, device):
+        z = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        self.loss, self.task_loss = z(), {t: z() for t in tasks}
+        self.correct = {t: torch.zeros((), dtype=torch.int64, device=device) for t in tasks}
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite loss
+        self.bad_value = z()
+
+    def add(self, step: int, bs: int, loss, losses: dict, correct: dict, check_finite: bool) -> None:
+        loss = loss.detach()
+        self.loss += loss.double() * bs
+        for t, v in losses.items():
+            self.task_loss[t] += v.detach().double() * bs
+            self.correct[t] += correct[t]
+        if check_finite:
+            first = (~torch.isfinite(loss)) & (self.bad_step < 0)
+            self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
+            self.bad_value = torch.where(first, loss.double(), self.bad_value)
+
+    def value(self) -> tuple[float, dict, dict, int, float]:
+        tasks = list(self.task_loss)
+        flat = torch.stack([self.loss, *[self.task_loss[t] for t in tasks],
+                            *[self.correct[t].double() for t in tasks], self.bad_step.double(),
+                            self.bad_value]).tolist()
+        k = len(tasks)
+        return (flat[0], dict(zip(tasks, flat[1:1 + k])), dict(zip(tasks, flat[1 + k:1 + 2 * k])),
+                int(flat[-2]), flat[-1])
+
+
 def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=None,
               limit: Optional[int] = None, desc: str = "", collect: bool = False) -> EpochResult:
-    """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates."""
+    """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates.
+
+    Sums, correct counts and the NaN/inf check stay on the device; the host syncs once at the
+    end of the epoch (and for the progress bar at most about once a second). A non-finite
+    training loss raises :class:`Diverged` at the end of the epoch, naming its first step; the
+    caller never saves that epoch, so ``last.pt`` keeps the last good one."""
     train = optimizer is not None
     start = time.perf_counter()
-    totals = {"loss": 0.0, "n": 0}
-    steps = 0
-    t_loss = {t: 0.0 for t in tasks}
-    correct = {t: 0 for t in tasks}
+    sums, n, steps = _Sums(tasks, opts.device), 0, 0
     store: dict[str, dict[str, list]] = {t: {"targets": [], "preds": [], "probs": []} for t in tasks}
     total = min(len(loader), limit) if limit else len(loader)
     bar = tqdm(loader, total=total, desc=desc, leave=False, disable=not opts.progress)
+    shown = time.monotonic()
     grad = torch.enable_grad() if train else torch.inference_mode()
     with grad, contextlib.closing(bar):
         for i, (x, y) in enumerate(bar):
@@ -132,28 +166,29 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
                 losses = {t: task_loss(out[t].float(), y[t], _w(opts, t)) for t in tasks}
                 loss = sum(losses.values())
             if train:
-                if not math.isfinite(float(loss.detach())):
-                    raise Diverged(f"the training loss became {float(loss.detach())} at step {i + 1}", step=i + 1)
                 _step(loss, model, optimizer, scaler, opts.grad_clip)
-            steps = i + 1
-            bs = x.shape[0]
-            totals["loss"] += float(loss.detach()) * bs
-            totals["n"] += bs
-            for t in tasks:
-                logits = eval_logits(out[t].detach().float())
-                pred = logits.argmax(1)
-                t_loss[t] += float(losses[t].detach()) * bs
-                correct[t] += int((pred == y[t]).sum())
-                if collect:
-                    store[t]["targets"].append(y[t].cpu())
-                    store[t]["preds"].append(pred.cpu())
-                    store[t]["probs"].append(logits.softmax(1).cpu())
-            bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.4f}")
-    n = max(totals["n"], 1)
-    collected = {t: {k: torch.cat(v).numpy() for k, v in s.items()} for t, s in store.items()} if collect else {}
+            logits = {t: eval_logits(out[t].detach().float()) for t in tasks}
+            preds = {t: logits[t].argmax(1) for t in tasks}
+            bs, steps = x.shape[0], i + 1
+            n += bs
+            sums.add(i + 1, bs, loss, losses, {t: (preds[t] == y[t]).sum() for t in tasks}, train)
+            if collect:
+                for t in tasks:
+                    store[t]["targets"].append(y[t])
+                    store[t]["preds"].append(preds[t])
+                    store[t]["probs"].append(logits[t].softmax(1))
+            if opts.progress and time.monotonic() - shown > 1.0:
+                shown = time.monotonic()
+                bar.set_postfix(loss=f"{sums.loss.item() / max(n, 1):.4f}")
+    loss_sum, t_loss, correct, bad_step, bad_value = sums.value()
+    if bad_step >= 0:
+        raise Diverged(f"the training loss became {bad_value} at step {bad_step}", step=bad_step)
+    n1 = max(n, 1)
+    collected = ({t: {k: torch.cat(v).cpu().numpy() for k, v in s.items()} for t, s in store.items()}
+                 if collect else {})
     return EpochResult(
-        loss=totals["loss"] / n, task_loss={t: v / n for t, v in t_loss.items()},
-        accuracy={t: c / n for t, c in correct.items()}, n=totals["n"],
+        loss=loss_sum / n1, task_loss={t: v / n1 for t, v in t_loss.items()},
+        accuracy={t: c / n1 for t, c in correct.items()}, n=n,
         seconds=time.perf_counter() - start, steps=steps, collected=collected,
     )
 

@@ -1,0 +1,93 @@
+"""The loop does not sync the host with the device per batch (issue #13): sums, correct counts
+and the NaN/inf check stay on the device; an epoch syncs O(1) times. On CPU a "sync" is any
+tensor -> Python conversion, counted by wrapping those Tensor methods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tlbench.engine import Diverged, LoopOptions, run_epoch
+
+CONVERSIONS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+class DictModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return {"label": self.net(x)}
+
+
+class DictData(TensorDataset):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x, {"label": y}
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    counts = {"n": 0}
+    for name in CONVERSIONS:
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            counts["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return counts
+
+
+def _loader(n_batches: int, bad_at: int | None = None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_batches * 4, 8, generator=g)
+    if bad_at is not None:
+        x[bad_at * 4] = float("nan")
+    y = torch.randint(0, 3, (n_batches * 4,), generator=g)
+    return DataLoader(DictData(x, y), batch_size=4)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_an_epoch_syncs_a_constant_number_of_times(count_syncs, train):
+    torch.manual_seed(0)
+    model = DictModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if train else None
+    per_epoch = []
+    for n_batches in (5, 40):
+        loader = _loader(n_batches)
+        count_syncs["n"] = 0
+        res = run_epoch(model, loader, ["label"], LoopOptions(device=torch.device("cpu")), optimizer=opt)
+        per_epoch.append(count_syncs["n"])
+        assert res.n == n_batches * 4 and res.steps == n_batches
+    assert per_epoch[0] == per_epoch[1] <= 3, per_epoch  # independent of the number of batches
+
+
+def test_sums_match_a_per_batch_computation():
+    torch.manual_seed(0)
+    model = DictModel().eval()
+    loader = _loader(7)
+    res = run_epoch(model, loader, ["label"], LoopOptions(device=torch.device("cpu")), collect=True)
+    losses, correct, n = [], 0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            out = model(x)["label"]
+            losses.append(torch.nn.functional.cross_entropy(out, y["label"]).item() * len(x))
+            correct += int((out.argmax(1) == y["label"]).sum())
+            n += len(x)
+    assert res.loss == pytest.approx(sum(losses) / n, rel=1e-12)
+    assert res.accuracy["label"] == correct / n
+    assert (res.collected["label"]["preds"] == res.collected["label"]["probs"].argmax(1)).all()
+
+
+def test_non_finite_loss_is_found_after_the_fact_with_its_step():
+    torch.manual_seed(0)
+    model = DictModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(Diverged, match="at step 4") as e:
+        run_epoch(model, _loader(10, bad_at=3), ["label"], LoopOptions(device=torch.device("cpu")), optimizer=opt)
+    assert e.value.step == 4
