@@ -183,7 +183,7 @@ def test_eval_subcommand_reproduces_test_and_val_metrics(cli, capsys):
     assert (run / "eval_test" / "figures" / "confusion_label.png").is_file()
     assert main(["eval", str(run), "split=val", "name=v"]) == 0
     val = json.loads((run / "eval_v" / "results.json").read_text())
-    assert val["test"]["label"]["accuracy"] == res["val"]["label"]["accuracy"]
+    assert val["val"]["label"]["accuracy"] == res["val"]["label"]["accuracy"]
     assert main(["eval", str(run), "split=bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert main(["eval", str(run / "nope")]) == 2
