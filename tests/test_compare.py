@@ -23,7 +23,8 @@ T975 = {1: 12.706204736174707, 2: 4.302652729749464, 3: 3.182446305284263}  # t.
 
 def make_run(root: Path, name: str, *, model="cnn", freeze="full", seed=0, lr=0.001, acc=0.9, f1=0.8,
              val_acc=0.95, trainable=100, fingerprint="fp1", overrides=None, train_s=0.5, val_s=0.1,
-             n_train=1000, best_epoch=2, tasks=None, results=True, last=False, config_hash=None) -> Path:
+             n_train=1000, best_epoch=2, tasks=None, results=True, last=False, config_hash=None,
+             total_s=None, feature_s=None, feature_cache=None) -> Path:
     d = root / name
     (d / ".hydra").mkdir(parents=True)
     config = {"dataset": {"name": "sklearn_digits", "split_seed": 0}, "model": {"name": model, "dropout": 0.0},
@@ -41,7 +42,8 @@ def make_run(root: Path, name: str, *, model="cnn", freeze="full", seed=0, lr=0.
             "config_hash": config_hash or f"{model}-{freeze}-{seed}-{lr}", "dataset_fingerprint": fingerprint,
             "model": model, "freeze": freeze, "seed": seed, "params": {"total": 1000, "trainable": trainable},
             "best_epoch": best_epoch, "epochs_run": 2,
-            "time": {"total_s": 3.0, "train_s_per_epoch": train_s, "val_s_per_epoch": val_s},
+            "time": {"total_s": 2 * (train_s + val_s) + 1.0 if total_s is None else total_s,
+                     "feature_cache_s": feature_s, "train_s_per_epoch": train_s, "val_s_per_epoch": val_s},
             "epochs": [{"epoch": e, "train": {"loss": 1.0, "n": n_train}, "val": {"loss": 1.0, "n": 200},
                         "train_seconds": train_s, "val_seconds": val_s} for e in (1, 2)],
             "val": {t: {"accuracy": val_acc, "loss": 0.5, "macro_f1": f, "per_class": {}}
@@ -49,6 +51,8 @@ def make_run(root: Path, name: str, *, model="cnn", freeze="full", seed=0, lr=0.
             "test": {t: {"accuracy": a, "loss": 0.6, "macro_f1": f, "per_class": {}, "confusion_matrix": [[1]]}
                      for t, (a, f) in tasks.items()},
         }
+        if feature_cache is not None:
+            res["feature_cache"] = feature_cache
         (d / "results.json").write_text(json.dumps(res))
     return d
 
@@ -166,7 +170,7 @@ def test_fingerprint_and_params_warnings(tmp_path):
     rows = aggregate(collect_runs([tmp_path])[0])
     out = render(rows, "md")
     assert "Warnings:" in out
-    assert "model.name=cnn: runs trained on different data (dataset_fingerprint aaaa, bbbb)" in out
+    assert "model=cnn: runs trained on different data (dataset_fingerprint aaaa, bbbb)" in out
     assert "trainable parameters differ within the group (100, 120)" in out
     assert rows[0].trainable == pytest.approx(110)
 
@@ -183,8 +187,9 @@ def test_markdown_csv_latex(sweep):
     rows = aggregate(collect_runs([sweep])[0])
     md = render(rows, "md").splitlines()
     table = [ln for ln in md if ln.startswith("|")]
-    assert [c.strip() for c in table[0].strip("|").split("|")][:5] == [
-        "model.name", "n", "test/accuracy/label (%)", "std", "95% CI ±"]
+    assert [c.strip() for c in table[0].strip("|").split("|")] == [
+        "model", "n", "test accuracy (label) [%]", "std", "95% CI ±", "trainable params", "best epoch", "total s",
+        "s/epoch", "train img/s"]
     assert table[1].startswith("|---") and table[1].endswith(":|")
     cnn = [c.strip() for c in table[2].strip("|").split("|")]
     ci = f"{100 * T975[2] * 0.05 / math.sqrt(3):.2f}"
@@ -193,15 +198,15 @@ def test_markdown_csv_latex(sweep):
     assert mlp[:6] == ["mlp", "1", "70.00", "", "", "5,000"]
 
     parsed = list(csv.reader(io.StringIO(render(rows, "csv"))))
-    assert parsed[0][:3] == ["model.name", "n", "test/accuracy/label (%)"]
+    assert parsed[0][:3] == ["model", "n", "test accuracy (label) [%]"]
     assert parsed[1][:6] == ["cnn", "3", "85.00", "5.00", ci, "100"] and parsed[2][5] == "5000"
     assert len(parsed) == 3
 
     tex = render(rows, "latex")
     assert tex.startswith(r"\begin{tabular}{lrrrrrrrrr}") and r"\end{tabular}" in tex
-    assert r"test/accuracy/label (\%)" in tex and r"cnn & 3 & 85.00 & 5.00 & " + ci in tex
+    assert r"test accuracy (label) [\%]" in tex and r"cnn & 3 & 85.00 & 5.00 & " + ci in tex
     loss = render(aggregate(collect_runs([sweep])[0], None, "test/loss"), "csv")
-    assert "test/loss/label," in loss and ",0.6000," in loss  # not a percentage: 4 decimals
+    assert "test loss (label)," in loss and ",0.6000," in loss  # not a percentage: 4 decimals
     with pytest.raises(TlbenchError, match="md"):
         render(rows, "html")
 
@@ -218,7 +223,7 @@ def test_compare_main_outputs(sweep, tmp_path, capsys):
     out = tmp_path / "t.csv"
     assert compare_main([str(sweep), "--by", "model,seed", "--out", str(out), "--plot", str(tmp_path / "p.png")]) == 0
     rows = list(csv.reader(out.open(encoding="utf-8")))
-    assert rows[0][:2] == ["model.name", "seed"] and len(rows) == 5  # format from the suffix
+    assert rows[0][:2] == ["model", "seed"] and len(rows) == 5  # format from the suffix
     assert (tmp_path / "p.png").is_file()
     make_run(sweep, "9", results=False)
     assert compare_main([str(sweep), "--format", "csv"]) == 0

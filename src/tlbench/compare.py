@@ -1,7 +1,8 @@
 """``tlbench compare``: run directories and sweeps -> one table (and a plot), a row per config group.
 
-    tlbench compare SWEEP_DIR|RUN_DIR... [--by model,freeze] [--metric test/accuracy]
-                    [--format md|csv|latex] [--out FILE] [--plot FILE.png]
+    tlbench compare SWEEP_DIR|RUN_DIR... [--by model,freeze] [--metric test/accuracy[,test/macro_f1]]
+                    [--format md|csv|latex] [--out FILE] [--plot FILE.png[,FILE.pdf]]
+                    [--errorbar ci|std|none] [--size one|two|WxH]
 
 Pure pieces, usable from tests and notebooks without the CLI:
 
@@ -10,9 +11,12 @@ Pure pieces, usable from tests and notebooks without the CLI:
   a readable ``results.json`` (and a job of a basic sweep that never got a directory) becomes a
   :class:`Problem`, listed in the output, never silently dropped.
 - ``aggregate(runs, by, metric) -> rows``: groups runs by dotted config keys and aggregates over
-  the rest (normally the seeds): n, mean, sample std, 95% CI half-width (t distribution),
-  trainable parameters, seconds per epoch, best epoch, training throughput; warnings per group.
-- ``tables.render(rows, fmt, problems=())`` -> Markdown, CSV or LaTeX text; ``plot(rows, path)`` -> PNG.
+  the rest (normally the seeds), per metric (``metric`` may name several): n, mean, sample std,
+  95% CI half-width (t distribution); and the costs: trainable parameters, best epoch, total
+  wall time per run (the one-off feature pass included), seconds per epoch, training images per
+  second (only for runs that trained on images); warnings per group.
+- ``tables.render(rows, fmt, problems=())`` -> Markdown, CSV or LaTeX text; ``tables.plot(rows, path,
+  errorbar, size)`` -> PNG / PDF / SVG.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Optional, Sequence
 
 from .errors import TlbenchError
 from .runs import Run, collect_runs
-from .tables import _MISSING, FORMATS, Metric, Row, notes, plot, render
+from .tables import (_MISSING, ERRORBARS, FORMATS, Metric, Row, Stat, figure_size, key_texts, notes, plot,
+                     plot_paths, render)
 
 ALIASES = {"model": "model.name", "freeze": "freeze.name", "dataset": "dataset.name", "optim": "optim.name",
            "sched": "sched.name"}
@@ -121,6 +126,15 @@ def resolve_metric(runs: Sequence[Run], metric: Optional[str]) -> Metric:
     return Metric(split, name, task)
 
 
+def resolve_metrics(runs: Sequence[Run], metric) -> list[Metric]:
+    """``--metric a,b`` (or a list, or one :class:`Metric`) -> metrics, in that order, without repeats."""
+    if isinstance(metric, Metric):
+        return [metric]
+    items = metric if isinstance(metric, (list, tuple)) else [x for x in (metric or "").split(",") if x.strip()]
+    out = [m if isinstance(m, Metric) else resolve_metric(runs, m.strip()) for m in items] or [resolve_metric(runs, None)]
+    return list(dict.fromkeys(out))
+
+
 # ----------------------------------------------------------------------------- aggregating
 def _mean(values) -> Optional[float]:
     values = [v for v in values if v is not None]
@@ -141,16 +155,51 @@ def stats(values: Sequence[float]) -> tuple[int, Optional[float], Optional[float
     return n, mean, std, float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
 
 
+def features_cached(results: dict) -> bool:
+    """Whether the run trained on stored features (the frozen part of its backbone ran once)."""
+    fc = results.get("feature_cache")
+    if isinstance(fc, dict):
+        return bool(fc.get("applied"))
+    return (results.get("time") or {}).get("feature_cache_s") is not None  # before the feature_cache record
+
+
+def _resumed(r: Run) -> bool:
+    try:
+        with open(r.path / "train.log", encoding="utf-8", errors="replace") as f:
+            return any("resumed from" in line for line in f)
+    except OSError:
+        return False
+
+
 def _run_numbers(r: Run) -> dict:
+    """A run's costs. ``total_s`` is its wall time, the feature pass included; a resumed run's
+    ``results.json`` holds only its last session's, so there it is at least the recorded epochs
+    plus the feature pass (``total_partial``). Images per second only where training read images."""
     res, time_ = r.results, r.results.get("time") or {}
+    epochs = [e for e in res.get("epochs") or [] if isinstance(e, dict)]
     train_s = time_.get("train_s_per_epoch")
-    items = _mean([(e.get("train") or {}).get("n") for e in res.get("epochs") or [] if isinstance(e, dict)])
+    cached = features_cached(res)
+    items = _mean([(e.get("train") or {}).get("n") for e in epochs])
+    feature_s = time_.get("feature_cache_s") if cached else None
+    total = time_.get("total_s")
+    partial = False
+    if _is_number(total):
+        floor = sum(float(e.get("train_seconds") or 0) + float(e.get("val_seconds") or 0) for e in epochs)
+        floor += feature_s or 0.0
+        if floor > total or _resumed(r):
+            total, partial = max(float(total), floor), True
+    else:
+        total = None
+    fc = res.get("feature_cache") if isinstance(res.get("feature_cache"), dict) else {}
     return {"trainable": (res.get("params") or {}).get("trainable"), "best_epoch": res.get("best_epoch"),
             "train_s": train_s, "eval_s": time_.get("val_s_per_epoch"),
-            "img_s": items / train_s if items and train_s else None}
+            "img_s": items / train_s if items and train_s and not cached else None,
+            "total_s": total, "feature_s": feature_s, "total_partial": partial,
+            "feature_reused": bool(cached and fc.get("reused"))}
 
 
-def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metric: Metric) -> list[str]:
+def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metrics: Sequence[Metric],
+                    nums: Sequence[dict] = ()) -> list[str]:
     out = []
     prints = sorted({str(r.results.get("dataset_fingerprint")) for r in runs})
     if len(prints) > 1:
@@ -171,9 +220,23 @@ def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metric: Metr
     if dup:
         out.append(f"{label}: {len(hashes) - len(set(hashes))} run(s) repeat a config and seed already counted "
                    f"(config_hash {', '.join(dup)})")
-    lacking = [str(r.path) for r in runs if _metric_value(r, metric) is None]
-    if lacking:
-        out.append(f"{label}: {len(lacking)} run(s) have no {metric.label}, left out of the mean: {', '.join(lacking)}")
+    for metric in metrics:
+        lacking = [str(r.path) for r in runs if _metric_value(r, metric) is None]
+        if lacking:
+            out.append(f"{label}: {len(lacking)} run(s) have no {metric.label}, left out of the mean: "
+                       f"{', '.join(lacking)}")
+    partial = sum(1 for x in nums if x["total_partial"])
+    if partial:
+        out.append(f"{label}: {partial} run(s) were resumed; results.json times only their last session, so their "
+                   f"total s counts the recorded epochs and feature pass (a lower bound)")
+    reused = sum(1 for x in nums if x["feature_reused"])
+    if reused:
+        out.append(f"{label}: {reused} run(s) read their features from the feature store (computed by an "
+                   f"earlier run); their feature pass s is the read, not the computation")
+    cached = {x["img_s"] is None and x["train_s"] is not None for x in nums}
+    if len(cached) > 1:
+        out.append(f"{label}: some runs trained on stored features, some on images; train img/s is the mean "
+                   f"of the image runs only")
     return out
 
 
@@ -192,19 +255,28 @@ def aggregate(runs: Sequence[Run], by=None, metric=None) -> list[Row]:
     if not runs:
         raise TlbenchError("no finished runs to compare")
     keys = resolve_by(runs, by)
-    m = metric if isinstance(metric, Metric) else resolve_metric(runs, metric)
+    metrics = resolve_metrics(runs, metric)
     groups: dict = {}
     for r in runs:
         values = tuple(_get(r.config, k) for k in keys)
         groups.setdefault(tuple(map(_ident, values)), (values, []))[1].append(r)
-    rows = []
+    rows, members_of = [], []
     for values, members in sorted(groups.values(), key=lambda g: _sort_key(g[0])):
-        n, mean, std, ci = stats([v for v in (_metric_value(r, m) for r in members) if v is not None])
+        per_metric = []
+        for m in metrics:
+            vals = [v for v in (_metric_value(r, m) for r in members) if v is not None]
+            per_metric.append(Stat(m, vals, *stats(vals)))
         nums = [_run_numbers(r) for r in members]
-        row = Row(tuple(keys), values, m, [r.path for r in members], n, mean, std, ci,
-                  *(_mean(x[k] for x in nums) for k in ("trainable", "best_epoch", "train_s", "eval_s", "img_s")))
-        row.warnings = _group_warnings(row.label, members, keys, m)
+        row = Row(tuple(keys), values, [r.path for r in members], per_metric,
+                  **{k: _mean(x[k] for x in nums) for k in ("trainable", "best_epoch", "train_s", "eval_s", "total_s",
+                                                            "feature_s")},
+                  train_img_s=_mean(x["img_s"] for x in nums))
         rows.append(row)
+        members_of.append((members, nums))
+    for row, shown in zip(rows, key_texts(rows)):
+        row.shown = shown
+    for row, (members, nums) in zip(rows, members_of):
+        row.warnings = _group_warnings(row.label, members, keys, metrics, nums)
     return rows
 
 
@@ -222,10 +294,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--by", help="comma-separated config keys to group by, e.g. model,freeze or optim.lr "
                    "(default: the overridden keys that vary, except seed; else model.name)")
     p.add_argument("--metric", help="split/metric[/task], e.g. test/accuracy, val/macro_f1, test/accuracy/digit "
-                   "(default test/accuracy of the first task)")
+                   "(default test/accuracy of the first task); several, comma-separated: test/accuracy,test/macro_f1")
     p.add_argument("--format", help="md (default), csv or latex (default from --out's suffix)")
     p.add_argument("--out", help="write the table to FILE instead of stdout")
-    p.add_argument("--plot", help="write a PNG: metric vs trainable parameters")
+    p.add_argument("--plot", help="write a figure (.png, .pdf or .svg; several: a.png,a.pdf): each group's mean "
+                   "with error bars and its runs as dots, against trainable parameters when they differ, "
+                   "else by group; one panel per metric")
+    p.add_argument("--errorbar", default="ci", choices=list(ERRORBARS),
+                   help="the plot's error bars: ci = 95%% CI, the table's interval (default), std, none")
+    p.add_argument("--size", default="two", help="the plot's size: one (3.5 in wide, one column of a paper), "
+                   "two (7 in, both columns; default) or WIDTHxHEIGHT in inches")
     return p
 
 
@@ -239,6 +317,9 @@ def compare_main(argv: list[str]) -> int:
     fmt = args.format or suffix or "md"
     if fmt not in FORMATS:
         raise TlbenchError(f"--format {fmt!r} is not known; choose one of 'md', 'csv', 'latex'")
+    plots = plot_paths(args.plot) if args.plot else []  # bad names and sizes fail before any work
+    if plots:
+        figure_size(args.size)
     runs, problems = collect_runs(args.paths)
     if not runs:
         raise TlbenchError("no finished runs to compare (no results.json):\n" + "\n".join(p.line() for p in problems))
@@ -254,6 +335,8 @@ def compare_main(argv: list[str]) -> int:
     if FORMATS[fmt] == "csv" or args.out:
         for n in notes(rows, problems):
             print(n if n.startswith("not finished") else f"warning: {n}", file=sys.stderr)
-    if args.plot:
-        print(f"wrote {plot(rows, args.plot)}")
+    if plots:
+        plot(rows, plots, args.errorbar, args.size)
+        bars = f"mean ± {ERRORBARS[args.errorbar]}" if ERRORBARS[args.errorbar] else "none"
+        print(f"wrote {', '.join(map(str, plots))} (error bars: {bars})")
     return 0

@@ -1,10 +1,17 @@
-"""Rendering for ``tlbench compare``: aggregated rows -> Markdown / CSV / LaTeX tables and a plot."""
+"""Rendering for ``tlbench compare``: aggregated rows -> Markdown / CSV / LaTeX tables and a figure.
+
+Labels are written for a paper: metrics as ``test accuracy (label) [%]`` (not
+``test/accuracy/label``), group keys as ``model`` / ``lr`` (not ``model.name`` / ``optim.lr``),
+float values rounded to the fewest significant digits (at least 3) that keep the groups apart
+(``0.0212``, not ``0.021240374487011344``).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,6 +23,25 @@ PERCENT_WORDS = ("accuracy", "f1", "precision", "recall")
 FORMATS = {"md": "md", "markdown": "md", "csv": "csv", "latex": "latex", "tex": "latex"}
 _MISSING = object()  # a run without the key
 
+# metric names as a paper writes them; others: underscores -> spaces
+_NAMES = {"macro_f1": "macro F1", "weighted_f1": "weighted F1", "log_loss": "log-loss", "ece": "ECE",
+          "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}
+# error bars of the plot: option -> legend text
+ERRORBARS = {"ci": "95% CI (t, n-1)", "std": "1 std", "none": None}
+# figure widths (inches) of a one- and a two-column paper figure; height per panel
+SIZES = {"one": (3.5, 2.6), "two": (7.0, 3.2)}
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def metric_name(name: str) -> str:
+    """``macro_f1`` -> ``macro F1``, ``top3_accuracy`` -> ``top-3 accuracy``, ``ece`` -> ``ECE``."""
+    if name in _NAMES:
+        return _NAMES[name]
+    top = re.fullmatch(r"top(\d+)_(.*)", name)
+    if top:
+        return f"top-{top.group(1)} {metric_name(top.group(2))}"
+    return name.replace("_", " ")
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -25,42 +51,135 @@ class Metric:
 
     @property
     def label(self) -> str:
+        """The machine form, as ``--metric`` takes it: ``test/accuracy/label``."""
         return f"{self.split}/{self.name}/{self.task}"
+
+    @property
+    def title(self) -> str:
+        """The readable form: ``test accuracy (label)``."""
+        return f"{self.split} {metric_name(self.name)} ({self.task})" if self.task else \
+            f"{self.split} {metric_name(self.name)}"
 
     @property
     def percent(self) -> bool:
         return any(w in self.name for w in PERCENT_WORDS)
+
+    @property
+    def heading(self) -> str:
+        """Column / axis label with its unit: ``test accuracy (label) [%]``."""
+        return self.title + (" [%]" if self.percent else "")
+
+    @property
+    def scale(self) -> float:
+        return 100.0 if self.percent else 1.0
+
+
+@dataclass
+class Stat:
+    """One metric over the runs of a group: the per-run values and their summary."""
+
+    metric: Metric
+    values: list  # one value per run that has the metric (normally one per seed)
+    n: int
+    mean: Optional[float]
+    std: Optional[float]
+    ci95: Optional[float]
+
+    def interval(self, kind: str) -> Optional[float]:
+        """The half-width of the error bar: ``ci`` (95% CI), ``std`` or ``none``."""
+        return {"ci": self.ci95, "std": self.std}.get(kind)
 
 
 @dataclass
 class Row:
     by: tuple
     values: tuple  # the group's config values, in the order of ``by``
-    metric: Metric
     runs: list
-    n: int
-    mean: Optional[float]
-    std: Optional[float]
-    ci95: Optional[float]
-    trainable: Optional[float]
-    best_epoch: Optional[float]
-    train_s: Optional[float]
-    eval_s: Optional[float]
-    train_img_s: Optional[float]
+    stats: list  # one :class:`Stat` per metric asked for, in that order
+    trainable: Optional[float] = None
+    best_epoch: Optional[float] = None
+    train_s: Optional[float] = None  # seconds of one training epoch (mean over epochs and runs)
+    eval_s: Optional[float] = None  # seconds of one validation pass
+    train_img_s: Optional[float] = None  # training images per second; None where training read stored features
+    total_s: Optional[float] = None  # wall time of a whole run: setup, feature pass, epochs, evaluation
+    feature_s: Optional[float] = None  # the one-off feature pass (None: the run had none)
     warnings: list = field(default_factory=list)
+    shown: Optional[tuple] = None  # the values as the table shows them (see :func:`key_texts`)
+
+    # the first metric, for callers that ask for one
+    @property
+    def metric(self) -> Metric:
+        return self.stats[0].metric
+
+    @property
+    def n(self) -> int:
+        return self.stats[0].n
+
+    @property
+    def mean(self) -> Optional[float]:
+        return self.stats[0].mean
+
+    @property
+    def std(self) -> Optional[float]:
+        return self.stats[0].std
+
+    @property
+    def ci95(self) -> Optional[float]:
+        return self.stats[0].ci95
+
+    @property
+    def epoch_s(self) -> Optional[float]:
+        """One training epoch plus its validation pass."""
+        return None if self.train_s is None else self.train_s + (self.eval_s or 0.0)
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={_show(v)}" for k, v in zip(self.by, self.values))
+        shown = self.shown or tuple(_show(v) for v in self.values)
+        return ", ".join(f"{k}={s}" for k, s in zip(key_headers(self.by), shown))
 
 
-def _show(v) -> str:
+def _float(v: float, digits: int) -> str:
+    s = f"{v:.{digits}g}"
+    return re.sub(r"e([+-])0*(\d)", lambda m: f"e{'-' if m.group(1) == '-' else ''}{m.group(2)}", s)
+
+
+def _show(v, digits: int = 3) -> str:
+    """A config value as a table shows it; floats with ``digits`` significant digits."""
     if v is _MISSING:
         return "-"
+    if isinstance(v, float):
+        return _float(v, digits)
     return v if isinstance(v, str) else json.dumps(v)
 
 
+def key_texts(rows: Sequence[Row]) -> list[tuple]:
+    """The rows' config values as text, floats rounded to the fewest significant digits (>= 3)
+    that keep distinct values of a column distinct."""
+    if not rows:
+        return []
+    columns = []
+    for j in range(len(rows[0].values)):
+        vals = [r.values[j] for r in rows]
+        floats = sorted({v for v in vals if isinstance(v, float)})
+        texts = []
+        for v in vals:  # each value: the fewest digits that tell it from every other value
+            digits = 3
+            while isinstance(v, float) and digits < 17 and any(
+                    _show(v, digits) == _show(w, digits) for w in floats if w != v):
+                digits += 1
+            texts.append(_show(v, digits))
+        distinct = len({json.dumps(v, default=str) if v is not _MISSING else "\0" for v in vals})
+        if len(set(texts)) < distinct:  # (not expected) fall back to full precision
+            texts = [_show(v, 17) for v in vals]
+        columns.append(texts)
+    return list(zip(*columns))
 
+
+def key_headers(by: Sequence[str]) -> list[str]:
+    """``model.name`` -> ``model``, ``optim.lr`` -> ``lr``, ``trainer.max_epochs`` -> ``max epochs``;
+    the dotted key where the short form would be ambiguous."""
+    short = [k[: -len(".name")] if k.endswith(".name") else k.rsplit(".", 1)[-1].replace("_", " ") for k in by]
+    return [s if short.count(s) == 1 else k for s, k in zip(short, by)]
 
 
 def _num(x, digits: int, sep: bool) -> str:
@@ -73,19 +192,53 @@ def _secs(x) -> str:
     return "" if x is None else f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
 
 
-def table(rows: Sequence[Row], sep: bool = True) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells (accuracy-like metrics in percent, 2 decimals)."""
+def _metric_headers(metrics: Sequence[Metric], unique: bool) -> list[str]:
+    out = []
+    for m in metrics:
+        if unique and len(metrics) > 1:  # CSV: each column has its own name
+            out += [m.heading, f"std ({m.title})", f"95% CI ± ({m.title})"]
+        else:  # std and CI follow their metric's column
+            out += [m.heading, "std", "95% CI ±"]
+    return out
+
+
+def table(rows: Sequence[Row], sep: bool = True, unique: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells: the group keys, n, per metric mean / std / 95% CI half-width
+    (accuracy-like metrics in percent with 2 decimals, others with 4), then the costs: trainable
+    parameters, best epoch, total seconds per run, the feature pass (when a run had one),
+    seconds per epoch (training + validation), training images per second. ``unique``: name each
+    metric's std and CI columns after it (for CSV, where columns are addressed by name)."""
     if not rows:
         return [], []
-    m = rows[0].metric
-    scale, digits, unit = (100.0, 2, " (%)") if m.percent else (1.0, 4, "")
-    head = [*rows[0].by, "n", f"{m.label}{unit}", "std", "95% CI ±", "trainable params", "best epoch",
-            "train s/epoch", "eval s/epoch", "train img/s"]
-    body = [[*map(_show, r.values), str(r.n), *(_num(None if v is None else v * scale, digits, False)
-                                                  for v in (r.mean, r.std, r.ci95)),
-             _num(r.trainable, 0, sep), _num(r.best_epoch, 1, False), _secs(r.train_s), _secs(r.eval_s),
-             _num(r.train_img_s, 0, sep)] for r in rows]
+    metrics = [s.metric for s in rows[0].stats]
+    features = any(r.feature_s is not None for r in rows)
+    head = [*key_headers(rows[0].by), "n", *_metric_headers(metrics, unique), "trainable params", "best epoch",
+            "total s", *(["feature pass s"] if features else []), "s/epoch", "train img/s"]
+    body = []
+    for r, shown in zip(rows, key_texts(rows)):
+        cells = [*shown, str(r.n)]
+        for s in r.stats:
+            digits = 2 if s.metric.percent else 4
+            cells += [_num(None if v is None else v * s.metric.scale, digits, False) for v in (s.mean, s.std, s.ci95)]
+        cells += [_num(r.trainable, 0, sep), _num(r.best_epoch, 1, False), _secs(r.total_s)]
+        cells += [_secs(r.feature_s)] if features else []
+        cells += [_secs(r.epoch_s), _num(r.train_img_s, 0, sep)]
+        body.append(cells)
     return head, body
+
+
+def legend(rows: Sequence[Row]) -> str:
+    """What the numbers are, one paragraph (above the Markdown table, a comment in LaTeX)."""
+    if not rows:
+        return ""
+    titles = "; ".join(s.metric.title for s in rows[0].stats)
+    count = f"{sum(len(r.runs) for r in rows)} runs in {len(rows)} group{'s' * (len(rows) != 1)}"
+    features = any(r.feature_s is not None for r in rows)
+    return (f"{titles}: mean over the runs of each group (normally seeds), sample std, 95% CI half-width "
+            f"(t distribution); {count}. total s: wall time of a whole run (setup, "
+            f"{'feature pass, ' if features else ''}training, evaluation); s/epoch: one training epoch and its "
+            f"validation pass; train img/s: training images per second"
+            f"{', blank where a run trained on stored features' if features else ''}.")
 
 
 def notes(rows: Sequence[Row], problems: Sequence[Problem] = ()) -> list[str]:
@@ -101,11 +254,7 @@ def _markdown(rows, problems) -> str:
     rule = "|" + "|".join(("-" * (w + 1) + ":") if i >= nby else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
     out = []
     if rows:
-        m = rows[0].metric
-        count = f"{sum(len(r.runs) for r in rows)} runs in {len(rows)} group{'s' * (len(rows) != 1)}"
-        out += [f"{m.label}: mean over the runs of each group (normally seeds), sample std, "
-                f"95% CI half-width (t distribution); {count}.",
-                "", line(head), rule, *map(line, body)]
+        out += [legend(rows), "", line(head), rule, *map(line, body)]
     warn = [w for r in rows for w in r.warnings]
     if warn:
         out += ["", "Warnings:", *(f"- {w}" for w in warn)]
@@ -115,7 +264,7 @@ def _markdown(rows, problems) -> str:
 
 
 def _csv(rows) -> str:
-    head, body = table(rows, sep=False)
+    head, body = table(rows, sep=False, unique=True)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(head)
@@ -138,6 +287,7 @@ def _latex(rows, problems) -> str:
     out = [rf"\begin{{tabular}}{{{spec}}}", r"\hline", " & ".join(map(_tex, head)) + r" \\", r"\hline"]
     out += [" & ".join(map(_tex, cells)) + r" \\" for cells in body]
     out += [r"\hline", r"\end{tabular}"]
+    out += [f"% {legend(rows)}"] if rows else []
     out += [f"% {n}" for n in notes(rows, problems)]
     return "\n".join(out) + "\n"
 
@@ -151,33 +301,100 @@ def render(rows: Sequence[Row], fmt: str = "md", problems: Sequence[Problem] = (
     return _csv(rows) if kind == "csv" else _latex(rows, problems) if kind == "latex" else _markdown(rows, problems)
 
 
-def plot(rows: Sequence[Row], path) -> Path:
-    """Scatter of the metric (mean, std error bars) against trainable parameters (log x), one labelled
-    point per group."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+# ----------------------------------------------------------------------------- the figure
+def figure_size(size: str, panels: int = 1) -> tuple[float, float]:
+    """``one`` (3.5 in wide: one column of a two-column paper), ``two`` (7 in: the full width) or
+    ``WxH`` in inches -> (width, height)."""
+    if size in SIZES:
+        w, h = SIZES[size]
+        return (w, h * panels) if size == "one" else (w, h * ((panels + 1) // 2 if panels > 2 else 1))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*[x×]\s*(\d+(?:\.\d+)?)\s*", str(size))
+    if not m or min(float(m.group(1)), float(m.group(2))) <= 0:
+        raise TlbenchError(f"--size {size!r}: give one (3.5 in wide, one column), two (7 in, two columns) "
+                           f"or WIDTHxHEIGHT in inches, e.g. 3.5x2.5")
+    return float(m.group(1)), float(m.group(2))
+
+
+def plot_paths(spec) -> list[Path]:
+    """``--plot a.png,a.pdf`` (or a list) -> paths; each must end in .png, .pdf or .svg."""
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    paths = [Path(p.strip()) for s in items for p in str(s).split(",") if p.strip()]
+    bad = [p for p in paths if p.suffix.lower() not in PLOT_SUFFIXES]
+    if not paths or bad:
+        raise TlbenchError(f"--plot {str(bad[0]) if bad else ''!r}: the file name must end in "
+                           f"{', '.join(PLOT_SUFFIXES)} (several: --plot fig.png,fig.pdf)")
+    return paths
+
+
+def figure(rows: Sequence[Row], errorbar: str = "ci", size: str = "two"):
+    """A matplotlib Figure, one panel per metric: each group's mean with an error bar (``ci``: 95%
+    CI, the table's interval; ``std``; ``none``) and each run's value as a dot. The x axis is the
+    trainable-parameter count (log) when it differs between groups, else the groups themselves."""
+    import matplotlib
     from matplotlib.figure import Figure
 
-    pts = [r for r in rows if r.mean is not None and r.trainable]
+    if errorbar not in ERRORBARS:
+        raise TlbenchError(f"--errorbar {errorbar!r}: choose one of {', '.join(ERRORBARS)}")
+    pts = [r for r in rows if any(s.mean is not None for s in r.stats)]
     if not pts:
-        raise TlbenchError("--plot: no group has both a metric value and a trainable-parameter count")
-    scale = 100.0 if pts[0].metric.percent else 1.0
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for r in pts:
-        ax.errorbar(r.trainable, r.mean * scale, yerr=(r.std or 0.0) * scale, fmt="o", capsize=4)
-        text = ", ".join(_show(v) for v in r.values) + f" (n={r.n})"
-        ax.annotate(text, (r.trainable, r.mean * scale), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    ax.set_xscale("log")
-    ax.margins(x=0.2, y=0.15)
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(pts[0].metric.label + (" (%)" if scale == 100.0 else ""))
-    ax.set_title(f"{pts[0].metric.label} vs trainable parameters (mean ± std)")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    return path
+        raise TlbenchError("--plot: no group has a value of the metric")
+    metrics = [s.metric for s in pts[0].stats]
+    texts = dict(zip(map(id, rows), key_texts(rows)))
+    params = sorted({r.trainable for r in pts if r.trainable})
+    by_params = len(params) > 1 and all(r.trainable for r in pts)
+    width, height = figure_size(size, len(metrics))
+    small = width < 5
+    cols = 1 if small else min(len(metrics), 2)
+    with matplotlib.rc_context({"font.size": 8 if small else 9, "axes.titlesize": 8 if small else 9,
+                                "legend.fontsize": 7 if small else 8}):
+        fig = Figure(figsize=(width, height), layout="constrained")
+        axes = fig.subplots((len(metrics) + cols - 1) // cols, cols, squeeze=False).ravel()
+        for ax in axes[len(metrics):]:
+            ax.set_visible(False)
+        for k, (ax, m) in enumerate(zip(axes, metrics)):
+            handles = []
+            for i, r in enumerate(pts):
+                s = r.stats[k]
+                if s.mean is None:
+                    continue
+                x = r.trainable if by_params else i
+                err = s.interval(errorbar)
+                label = f"mean ± {ERRORBARS[errorbar]}" if errorbar != "none" else "mean"
+                bar = ax.errorbar([x], [s.mean * m.scale], yerr=None if err is None else [err * m.scale], fmt="o",
+                                  color="C0", ms=4, capsize=3, zorder=3, label=label)
+                jitter = [(j - (len(s.values) - 1) / 2) * 0.06 for j in range(len(s.values))]
+                xs = [x * (1 + d) for d in jitter] if by_params else [x + d for d in jitter]
+                dots = ax.scatter(xs, [v * m.scale for v in s.values], s=9, color="0.45", alpha=0.8, zorder=2,
+                                  linewidths=0, label="single runs (seeds)")
+                handles = handles or [bar, dots]
+                if by_params:
+                    ax.annotate(f"{', '.join(texts[id(r)])} (n={s.n})", (x, s.mean * m.scale),
+                                textcoords="offset points", xytext=(5, 4), fontsize=7)
+            if by_params:
+                ax.set_xscale("log")
+                ax.set_xlabel("trainable parameters (log scale)")
+            else:
+                ax.set_xticks(range(len(pts)), [f"{', '.join(texts[id(r)])}\nn={r.stats[k].n}" for r in pts])
+                ax.set_xlabel(", ".join(key_headers(pts[0].by)))
+                ax.set_xlim(-0.5, len(pts) - 0.5)
+            ax.margins(y=0.15)
+            ax.set_ylabel(m.heading)
+            ax.grid(True, which="major", axis="y", alpha=0.3)
+            ax.legend(handles=handles, loc="best", frameon=False)
+    fig.tlbench_errorbar = errorbar  # what the bars are, for callers and tests
+    return fig
 
 
+def plot(rows: Sequence[Row], path, errorbar: str = "ci", size: str = "two"):
+    """Write :func:`figure` to ``path`` (.png at 300 dpi, .pdf, .svg with text kept as text; several
+    paths: a list or ``a.png,a.pdf``). Returns the path (a list when several were asked)."""
+    import matplotlib
+
+    paths = plot_paths(path)
+    fig = figure(rows, errorbar, size)
+    with matplotlib.rc_context({"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",
+                                "svg.hashsalt": "tlbench"}):
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(p, dpi=300, metadata={"Date": None} if p.suffix.lower() in (".svg", ".pdf") else None)
+    return paths[0] if len(paths) == 1 and not isinstance(path, (list, tuple)) and "," not in str(path) else paths
