@@ -17,8 +17,10 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _quiet_env(monkeypatch):
+def _quiet_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the feature store of each test is its own (never ~/.cache; no reuse between tests)
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path_factory.mktemp("tlbench_cache")))
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     import torch
 

@@ -271,6 +271,7 @@ class TrainState:
     bad_epochs: int = 0
     history: list = field(default_factory=list)
     plan: object = None  # the FreezePlan in force (gradual unfreezing replaces it)
+    net: Optional[torch.nn.Module] = None  # what batches run through, when not ``model`` (features.SuffixNet)
 
     def checkpoint(self, extra: dict) -> dict:
         from .checkpoint import rng_state
@@ -326,14 +327,14 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
             lrs = group_lrs(state.optimizer)
             hooks.train_mode(state)
             try:
-                train = run_epoch(state.model, loaders["train"], tasks, opts, state.optimizer, state.scaler,
+                train = run_epoch(state.net or state.model, loaders["train"], tasks, opts, state.optimizer, state.scaler,
                                   tcfg.limit_train_batches, desc=f"epoch {epoch + 1} train")
             except Diverged as e:
                 raise _diverged(f"{e} of epoch {epoch + 1}", epoch, state.step + (e.step or 0)) from None
             _check_divergence(state, train, tcfg, epoch)
             state.step += train.steps
             state.model.eval()
-            val = run_epoch(state.model, loaders["val"], tasks, opts, limit=tcfg.limit_eval_batches,
+            val = run_epoch(state.net or state.model, loaders["val"], tasks, opts, limit=tcfg.limit_eval_batches,
                             desc=f"epoch {epoch + 1} val")
             step_scheduler(state.scheduler, val.loss)
             value = monitor_value(tcfg.monitor, val)

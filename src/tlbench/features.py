@@ -1,57 +1,180 @@
-"""Frozen-backbone features computed once: when no backbone parameter trains and the input
-is a fixed function of the image, each split goes through the backbone once and the heads
-train on the stored features."""
+"""The frozen-prefix cache: what does not train is computed once.
+
+When the trainable backbone parameters form a suffix of its blocks (``last_block``,
+``first_n``, an index/pattern choice ending at the last block) — or no backbone parameter
+trains at all (``linear_probe``) — the backbone splits into a frozen ``prefix`` and a trainable
+``suffix`` (``models/split.py``). Each split's images go through the prefix once; training and
+evaluation then run ``suffix + heads`` on the stored outputs. With ``dataset.augment=flip`` the
+prefix output of each image *and* of its mirror are stored and every epoch picks one per item
+with the sampler's flip decision (``loaders.flip_mask``), the same decision the image path uses.
+
+The outputs live in the :class:`~tlbench.store.FeatureStore` (``trainer.feature_store``, default
+``$TLBENCH_CACHE/features`` or ``~/.cache/tlbench/features``), keyed by the prefix's weights,
+the split point, the input transform, the dataset fingerprint + split and the dtype, so the
+jobs of a sweep (lr x seed x head) compute them once.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
 import time
+from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from .config import Config
 from .engine import LoopOptions, autocast
+from .store import FeatureStore, default_root, make_key, tensor_digest
 
 log = logging.getLogger(__name__)
+
+CACHEABLE_AUGMENT = ("none", "flip")
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class CacheDecision:
+    applied: bool
+    reason: str
+    split_block: Optional[str] = None  # first block of the trainable suffix; None = whole backbone frozen
 
 
 def backbone_frozen(model) -> bool:
     return not any(p.requires_grad for p in model.backbone.parameters())
 
 
-def can_cache_features(cfg: Config, model) -> bool:
-    """The backbone is a fixed function of the image: no trainable parameter, no random
-    augmentation, no gradual unfreezing, BatchNorm statistics fixed (``freeze.bn=eval``). Then
-    its features are computed once."""
-    return (cfg.trainer.cache_features and cfg.dataset.augment == "none" and not cfg.freeze.gradual
-            and cfg.freeze.bn != "train" and backbone_frozen(model))
+def decide(cfg: Config, model, plan) -> CacheDecision:
+    """Whether the frozen part of the backbone can be computed once, and why (not)."""
+    from .models.split import split_point
+
+    if not cfg.trainer.cache_features:
+        return CacheDecision(False, "trainer.cache_features=false")
+    if cfg.freeze.gradual:
+        return CacheDecision(False, "freeze.gradual moves the trainable part every few epochs")
+    if cfg.dataset.augment not in CACHEABLE_AUGMENT:
+        return CacheDecision(False, f"dataset.augment={cfg.dataset.augment} is random per epoch "
+                                    f"(cacheable: {', '.join(CACHEABLE_AUGMENT)})")
+    if backbone_frozen(model):
+        if cfg.freeze.bn == "train":
+            return CacheDecision(False, "freeze.bn=train: the frozen backbone's BatchNorm statistics change")
+        return CacheDecision(True, "the whole backbone is frozen: its features are computed once")
+    block, why = split_point(model.backbone, list(plan.trainable), frozen_bn_eval=cfg.freeze.bn == "eval")
+    if block is None:
+        return CacheDecision(False, why)
+    return CacheDecision(True, why, block)
 
 
-def cache_features(cfg: Config, bundle, model, opts: LoopOptions):
-    """Run the frozen backbone once over each split; train/evaluate the heads on the result.
-    Returns the bundle of features (same labels and indices) and the seconds the pass took."""
-    from .data import TensorSplit
+def can_cache_features(cfg: Config, model, plan=None) -> bool:
+    return decide(cfg, model, plan).applied if plan is not None or backbone_frozen(model) else False
+
+
+class SuffixNet(nn.Module):
+    """``suffix + heads`` of a model, fed the stored prefix outputs. Shares the model's modules
+    (its train/eval mode, its parameters): checkpoints keep saving the whole model."""
+
+    def __init__(self, model: nn.Module, suffix: Optional[nn.Module]):
+        super().__init__()
+        self.model, self.suffix = model, suffix
+
+    def forward(self, h: torch.Tensor):
+        return self.model.heads_forward(self.suffix(h) if self.suffix is not None else h)
+
+
+class FeatureSplit(Dataset):
+    """Stored prefix outputs of one split (and of its mirrored images), with the labels."""
+
+    in_memory = True  # no loader workers needed
+    def __init__(self, h, h_flip, labels: dict, indices):
+        self.h, self.h_flip, self.labels, self.indices = h, h_flip, labels, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.h)
+
+    def __getitem__(self, item):
+        from .data import unpack
+
+        i, flip = unpack(item)
+        src = self.h_flip if (flip and self.h_flip is not None) else self.h
+        return torch.from_numpy(np.array(src[i], dtype=np.float32)), {t: y[i] for t, y in self.labels.items()}
+
+
+def _store(cfg: Config) -> FeatureStore:
+    root = getattr(cfg.trainer, "feature_store", "default")
+    if root in (None, "null", "none"):
+        return FeatureStore(None)
+    return FeatureStore(default_root() if root in ("default", "", None) else root)
+
+
+def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: CacheDecision):
+    """Run the frozen prefix once over each split (through the store). Returns the bundle of
+    stored outputs, the module to train on them, and a record for results.json."""
+    from .models.split import split_backbone
 
     t0 = time.perf_counter()
     model.eval()
-    cached = copy.copy(bundle)
-    limits = {"train": cfg.trainer.limit_train_batches, "val": cfg.trainer.limit_eval_batches,
-              "test": cfg.trainer.limit_eval_batches}
+    if decision.split_block is None:
+        prefix, suffix = model.features, None
+        weights = list(model.backbone.state_dict().values())
+    else:
+        prefix_mod, suffix = split_backbone(model.backbone, decision.split_block)
+        prefix = prefix_mod
+        weights = list(prefix_mod.state_dict().values())
+    dtype = getattr(cfg.trainer, "feature_dtype", "float16")
+    base = {"weights": tensor_digest(weights), "split": decision.split_block, "model": cfg.model.name,
+            "arch": cfg.model.arch, "transform": repr(bundle.eval_transform), "input": repr(model.backbone.input_spec),
+            "fingerprint": bundle.fingerprint, "dtype": dtype}
+    store, cached, reused = _store(cfg), copy.copy(bundle), []
+    flips = cfg.dataset.augment == "flip"
     for name in ("train", "val", "test"):
         ds = getattr(bundle, name)
-        n = len(ds) if not limits[name] else min(len(ds), limits[name] * cfg.batch_size)
-        sub = torch.utils.data.Subset(ds, range(n))
-        feats = []
-        with torch.inference_mode():
-            for x, _ in DataLoader(sub, batch_size=max(cfg.batch_size, 64), shuffle=False):
-                with autocast(opts):
-                    feats.append(model.features(x.to(opts.device)).float().cpu())
+        n = _n_items(cfg, name, len(ds))
+        arrays = []
+        for mirror in ((False, True) if (flips and name == "train") else (False,)):
+            parts = {**base, "split_name": name, "n": n, "mirror": mirror}
+            arr, hit = store.get_or_create(make_key(parts), lambda: _prefix_pass(
+                prefix, _image_split(bundle, name, mirror), n, cfg, opts, DTYPES[dtype]), parts)
+            arrays.append(arr)
+            reused.append(hit)
         labels = {t: ds.labels[t][:n] for t in bundle.tasks}
-        setattr(cached, name, TensorSplit(torch.cat(feats), labels, ds.indices[:n]))
-    model.inputs_are_features = True
+        setattr(cached, name, FeatureSplit(arrays[0], arrays[1] if len(arrays) > 1 else None, labels, ds.indices[:n]))
     seconds = time.perf_counter() - t0
-    log.info("frozen backbone: features of %d images computed once in %.1fs; the head(s) train on them",
-             sum(len(getattr(cached, s)) for s in ("train", "val", "test")), seconds)
-    return cached, seconds
+    record = {"applied": True, "reason": decision.reason, "split_block": decision.split_block,
+              "store": str(store.root) if store.root else None, "store_key": make_key(base), "dtype": dtype,
+              "compute_s": seconds, "reused": all(reused)}
+    log.info("frozen prefix%s: outputs of %d images %s in %.1fs; %s train on them",
+             f" (up to block {decision.split_block})" if decision.split_block else " (the whole backbone)",
+             sum(len(getattr(cached, s)) for s in ("train", "val", "test")),
+             "reused from the feature store" if all(reused) else "computed once", seconds,
+             "the suffix and the head(s)" if suffix is not None else "the head(s)")
+    return cached, SuffixNet(model, suffix), record
+
+
+def _n_items(cfg: Config, name: str, n: int) -> int:
+    limit = cfg.trainer.limit_train_batches if name == "train" else cfg.trainer.limit_eval_batches
+    return n if not limit else min(n, limit * cfg.batch_size)
+
+
+def _image_split(bundle, name: str, mirror: bool):
+    """The split's images through the *eval* transform (never augmented), mirrored if asked."""
+    from .data import SplitDataset
+
+    ds = getattr(bundle, name)
+    if not mirror and not isinstance(ds, SplitDataset):
+        return ds  # precomputed tensors of the eval transform
+    return SplitDataset(bundle.source, ds.indices, list(bundle.tasks), bundle.eval_transform, mirror=mirror)
+
+
+def _prefix_pass(prefix, ds, n: int, cfg: Config, opts: LoopOptions, dtype) -> np.ndarray:
+    out = []
+    sub = torch.utils.data.Subset(ds, range(n))
+    with torch.inference_mode():
+        for x, _ in DataLoader(sub, batch_size=max(cfg.batch_size, 64), shuffle=False):
+            with autocast(opts):
+                h = prefix(x.to(opts.device))
+            out.append(h.float().cpu().numpy().astype(dtype))
+    return np.concatenate(out) if out else np.zeros((0,), dtype=dtype)

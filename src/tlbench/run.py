@@ -26,7 +26,7 @@ from .data.loaders import make_loaders
 from .engine import Diverged, FitHooks, Interrupted, LoopOptions, TrainState, amp_dtype, fit, select_device
 from .errors import TlbenchError
 from .evaluate import evaluate_split, report_split
-from .features import backbone_frozen, cache_features, can_cache_features
+from .features import backbone_frozen, cache_features, decide
 from .freeze import gradual_unfreeze, set_bn_eval
 from .optim import build_optimizer, build_scheduler
 from .record import (EarlyLog, RunLock, check_writable, close_log, config_diff, is_fresh, open_log, preflight,
@@ -168,7 +168,7 @@ class _Ctx:
     tracker: Optional[Tracker] = None
     loaders: Optional[dict] = None
     opts: Optional[LoopOptions] = None
-    feature_s: Optional[float] = None
+    feature_cache: Optional[dict] = None  # results.json's record of the frozen-prefix cache
 
 
 def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
@@ -231,15 +231,16 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
     ctx.opts = LoopOptions(device=ctx.device, dtype=amp_dtype(ctx.device, cfg.trainer.precision),
                            grad_clip=cfg.trainer.grad_clip, progress=progress_enabled(cfg),
                            class_weights=_class_weights(bundle, ctx.device))
-    ctx.loaders = make_loaders(bundle, cfg, ctx.device)
-    if can_cache_features(cfg, state.model):
-        cached, ctx.feature_s = cache_features(cfg, bundle, state.model, ctx.opts)
+    decision = decide(cfg, state.model, state.plan)
+    if decision.applied:
+        cached, state.net, ctx.feature_cache = cache_features(cfg, bundle, state.model, ctx.opts, decision)
         ctx.loaders = make_loaders(cached, cfg, ctx.device)
-    try:
-        fit(state, ctx.loaders, list(bundle.tasks), ctx.opts, cfg.trainer, hooks)
-        return finish(cfg, run_dir, ctx)
-    finally:
-        state.model.inputs_are_features = False
+    else:
+        log.info("frozen-prefix cache not applied: %s", decision.reason)
+        ctx.feature_cache = {"applied": False, "reason": decision.reason}
+        ctx.loaders = make_loaders(bundle, cfg, ctx.device)
+    fit(state, ctx.loaders, list(bundle.tasks), ctx.opts, cfg.trainer, hooks)
+    return finish(cfg, run_dir, ctx)
 
 
 def _class_weights(bundle, device):
@@ -273,9 +274,9 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt", map_location=ctx.device)
     state.model.load_state_dict(best["model"])
     tasks, lim = list(bundle.tasks), cfg.trainer.limit_eval_batches
-    val = report_split(run_dir, "val", evaluate_split(state.model, loaders["val"], tasks, opts, lim), bundle,
+    val = report_split(run_dir, "val", evaluate_split(state.net or state.model, loaders["val"], tasks, opts, lim), bundle,
                        None, ecfg=cfg.eval)
-    test = report_split(run_dir, "test", evaluate_split(state.model, loaders["test"], tasks, opts, lim),
+    test = report_split(run_dir, "test", evaluate_split(state.net or state.model, loaders["test"], tasks, opts, lim),
                         bundle, tracker, ecfg=cfg.eval)
     hist = state.history
     results = {
@@ -287,7 +288,8 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
         "tasks": bundle.tasks, "class_counts": bundle.class_counts, "skipped_images": bundle.source.skipped,
         "monitor": cfg.trainer.monitor, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
         "early_stopped": state.epoch < cfg.trainer.max_epochs,
-        "time": {"total_s": time.perf_counter() - ctx.t0, "feature_cache_s": ctx.feature_s,
+        "feature_cache": ctx.feature_cache,
+        "time": {"total_s": time.perf_counter() - ctx.t0, "feature_cache_s": (ctx.feature_cache or {}).get("compute_s"),
                  "train_s_per_epoch": float(np.mean([h["train_seconds"] for h in hist])) if hist else None,
                  "val_s_per_epoch": float(np.mean([h["val_seconds"] for h in hist])) if hist else None},
         "epochs": hist, "val": val, "test": test,

@@ -50,7 +50,7 @@ def tensor_digest(tensors) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:24]
 
 

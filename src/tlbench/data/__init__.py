@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import ImageOps
 from torch.utils.data import Dataset
 
 from ..config import DatasetConfig
@@ -57,24 +58,37 @@ def select_tasks(source: Source, task: str | None) -> list[str]:
     return [task]
 
 
-class SplitDataset(Dataset):
-    """Items ``indices`` of a source -> ``(image_tensor, {task: label})``."""
+def unpack(item) -> tuple[int, bool]:
+    """A dataset item request: an index, or ``(index, flip)`` from the training sampler."""
+    return (int(item[0]), bool(item[1])) if isinstance(item, tuple) else (int(item), False)
 
-    def __init__(self, source: Source, indices, tasks: list[str], transform):
+
+class SplitDataset(Dataset):
+    """Items ``indices`` of a source -> ``(image_tensor, {task: label})``. With ``flip``, an item
+    requested as ``(i, True)`` is mirrored before the transform (the training sampler decides,
+    see ``loaders.flip_mask``); ``mirror=True`` mirrors every item (the cached flip variant)."""
+
+    def __init__(self, source: Source, indices, tasks: list[str], transform, flip: bool = False,
+                 mirror: bool = False):
         self.source, self.indices, self.tasks, self.transform = source, list(indices), tasks, transform
+        self.flip, self.mirror = flip, mirror
         self.labels = {t: torch.as_tensor(source.labels[t][self.indices], dtype=torch.long) for t in tasks}
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
-        x = self.transform(self.source.image(self.indices[i]))
-        return x, {t: self.labels[t][i] for t in self.tasks}
+    def __getitem__(self, item):
+        i, flip = unpack(item)
+        img = self.source.image(self.indices[i])
+        if self.mirror or (flip and self.flip):
+            img = ImageOps.mirror(img)
+        return self.transform(img), {t: self.labels[t][i] for t in self.tasks}
 
 
 class TensorSplit(Dataset):
     """A split whose transformed images are precomputed as one tensor."""
 
+    in_memory = True  # no loader workers needed
     def __init__(self, x: torch.Tensor, labels: dict[str, torch.Tensor], indices):
         self.x, self.labels, self.indices = x, labels, list(indices)
         self.tasks = list(labels)
@@ -82,7 +96,8 @@ class TensorSplit(Dataset):
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        i, _ = unpack(item)
         return self.x[i], {t: y[i] for t, y in self.labels.items()}
 
     def to(self, device) -> "TensorSplit":
@@ -146,7 +161,7 @@ def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
     datasets = {}
     for name, idx in splits.items():
         tf = train_tf if name == "train" else eval_tf
-        ds = SplitDataset(source, idx, tasks, tf)
+        ds = SplitDataset(source, idx, tasks, tf, flip=name == "train" and cfg.augment in ("flip", "flip_crop"))
         datasets[name] = materialize(ds) if (name != "train" or cfg.augment == "none") else ds
     counts = _class_counts(source, splits, tasks)
     for name in splits:

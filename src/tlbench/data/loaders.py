@@ -15,8 +15,18 @@ from ..config import Config
 from .base import DataBundle
 
 
+def flip_mask(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """Which of the ``n`` items of a split are mirrored in ``epoch``: a pure function of
+    (seed, epoch, item), shared by the image path and the cached-feature path, so the two see
+    the same flips and stay comparable sample by sample."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_777_777_777)
+    return torch.rand(n, generator=g) < 0.5
+
+
 class EpochSampler(Sampler):
-    """A permutation that depends only on (seed, epoch): resume-safe shuffling."""
+    """A permutation that depends only on (seed, epoch): resume-safe shuffling. It yields
+    ``(item, flip)`` pairs: a dataset that augments with flips mirrors the items whose ``flip``
+    is set (:func:`flip_mask`); every other dataset ignores it."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -26,7 +36,9 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        flips = flip_mask(self.seed, self.epoch, self.n).tolist()
+        return iter([(i, flips[i]) for i in order])
 
     def __len__(self) -> int:
         return self.n
@@ -50,7 +62,7 @@ def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[
         if on_device:
             ds = ds.to(device)  # data stays on the GPU: no per-batch host->device copies
         workers = d.num_workers if d.num_workers is not None else (
-            0 if isinstance(ds, TensorSplit) or not cuda else min(8, os.cpu_count() or 1))
+            0 if getattr(ds, "in_memory", False) or not cuda else min(8, os.cpu_count() or 1))
         pin = d.pin_memory if d.pin_memory is not None else (cuda and not on_device)
         sampler = EpochSampler(len(ds), cfg.seed) if name == "train" else None
         loaders[name] = DataLoader(

@@ -23,9 +23,7 @@ def build_transforms(spec: InputSpec, augment: str, native_size: int,
     if (spec.resize and spec.size) or varying_sizes:
         base.append(T.Resize((size, size)))
     tail = [T.ToTensor(), T.Normalize(list(spec.mean[: spec.channels]), list(spec.std[: spec.channels]))]
-    aug = []
-    if augment in ("flip", "flip_crop"):
-        aug.append(T.RandomHorizontalFlip())
+    aug = []  # flips are decided per (seed, epoch, item) by the sampler: data.SplitDataset(flip=True)
     if augment == "flip_crop":
         aug.append(T.RandomCrop(size, padding=max(1, size // 8)))
     if augment == "randaugment":

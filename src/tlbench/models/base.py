@@ -80,7 +80,6 @@ class TLModel(nn.Module):
             )
         else:
             self.heads_dist = None
-        self.inputs_are_features = False  # True while training on cached backbone features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features as one tensor: (B, D), or (B, 2, D) for distilled backbones."""
@@ -88,10 +87,13 @@ class TLModel(nn.Module):
         return torch.stack(f, 1) if isinstance(f, (tuple, list)) else f
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.inputs_are_features:
-            feats = (x[:, 0], x[:, 1]) if self.heads_dist is not None else x
-        else:
-            feats = self.backbone(x)
+        return self.heads_forward(self.backbone(x))
+
+    def heads_forward(self, feats) -> dict[str, torch.Tensor]:
+        """The heads on backbone features: a tensor (B, D), or for distilled backbones the pair
+        ``(cls, dist)`` (or the two stacked as (B, 2, D), as :meth:`features` returns them)."""
+        if self.heads_dist is not None and isinstance(feats, torch.Tensor):
+            feats = (feats[:, 0], feats[:, 1])
         if self.heads_dist is None:
             return {t: h(feats) for t, h in self.heads.items()}
         cls_f, dist_f = feats

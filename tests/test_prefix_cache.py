@@ -1,0 +1,97 @@
+"""The frozen-prefix cache (issue #12) in real runs: it applies where the trainable part is a
+suffix, gives the run the uncached path gives (sample by sample, flips included), records
+itself in results.json, and is computed once per sweep through the feature store."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from conftest import compose_cfg
+
+TINY = ("model=cnn", "model.channels=[8,16,16]", "freeze=last_block", "trainer.max_epochs=2",
+        "trainer.batch_size=64", "trainer.progress=false")
+
+
+def _train(cfg, rd):
+    from tlbench.run import train
+
+    return train(cfg, rd)
+
+
+def _with(cfg, **trainer):
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **trainer))
+
+
+def _numbers(res):
+    return ([(e["train"]["loss"], e["val"]["loss"], e["val"]["accuracy"]["label"]) for e in res["epochs"]],
+            res["test"]["label"]["loss"], res["test"]["label"]["accuracy"])
+
+
+@pytest.mark.parametrize("augment", ["none", "flip"])
+def test_cached_run_equals_the_uncached_run(tmp_path, monkeypatch, augment):
+    import tlbench.features as features
+
+    monkeypatch.setitem(features.DTYPES, "float16", np.float32)  # exactness: store fp32 here
+    cfg = compose_cfg(*TINY, f"dataset.augment={augment}")
+    cached = _train(cfg, tmp_path / "cached")
+    plain = _train(_with(cfg, cache_features=False), tmp_path / "plain")
+    fc = cached["feature_cache"]
+    assert fc["applied"] and fc["split_block"] == "stages.2" and not fc["reused"]
+    assert plain["feature_cache"]["applied"] is False
+    (ep_c, tl_c, ta_c), (ep_p, tl_p, ta_p) = _numbers(cached), _numbers(plain)
+    assert ta_c == ta_p
+    assert np.allclose(np.array(ep_c, dtype=float), np.array(ep_p, dtype=float), rtol=1e-4, atol=1e-6)
+    assert tl_c == pytest.approx(tl_p, rel=1e-4)
+    # the frozen prefix really stayed frozen, and the cached run trained the same suffix
+    import torch
+
+    a = torch.load(tmp_path / "cached" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "plain" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-5), k
+
+
+def test_a_sweep_computes_the_prefix_once(tmp_path, monkeypatch):
+    """Jobs that differ in lr and head share the stored prefix outputs (with a pretrained
+    backbone, seeds too; here the prefix is random-init, so the seed is part of its weights)."""
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    calls = []
+    import tlbench.features as features
+
+    real = features._prefix_pass
+    monkeypatch.setattr(features, "_prefix_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = [_train(compose_cfg(*TINY, f"optim.lr={lr}", f"head.hidden={h}"), tmp_path / f"r{i}")
+               for i, (lr, h) in enumerate([(1e-3, "[]"), (1e-2, "[]"), (1e-3, "[16]")])]
+    assert len(calls) == 3  # train, val, test: once for the three jobs
+    assert [r["feature_cache"]["reused"] for r in results] == [False, True, True]
+    assert len({r["feature_cache"]["store_key"] for r in results}) == 1
+    entries = [p for p in (tmp_path / "cache" / "features").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(entries) == 3
+    assert results[0]["test"] != results[1]["test"]  # the jobs still trained differently
+    other_seed = _train(compose_cfg(*TINY, "seed=1"), tmp_path / "seed1")
+    assert not other_seed["feature_cache"]["reused"]  # another random init: other prefix weights
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (("freeze=full",), "nothing before"),
+    (("dataset.augment=flip_crop",), "random per epoch"),
+    (("freeze.gradual=1",), "freeze.gradual"),
+    (("freeze=pattern", "freeze.train=[stages.1*]"), "frozen after it"),
+])
+def test_cache_not_applied_says_why(tmp_path, overrides, reason):
+    cfg = compose_cfg(*TINY[:2], "trainer.max_epochs=1", "trainer.progress=false", *overrides)
+    res = _train(cfg, tmp_path / "r")
+    assert res["feature_cache"]["applied"] is False and reason in res["feature_cache"]["reason"]
+    assert reason in (tmp_path / "r" / "train.log").read_text()
+
+
+def test_linear_probe_uses_the_same_store(tmp_path):
+    cfg = compose_cfg(*TINY[:2], "freeze=linear_probe", "trainer.max_epochs=1", "trainer.progress=false")
+    res = _train(cfg, tmp_path / "r")
+    fc = res["feature_cache"]
+    assert fc["applied"] and fc["split_block"] is None and "whole backbone" in fc["reason"]
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["time"]["feature_cache_s"] == fc["compute_s"]
