@@ -80,7 +80,6 @@ def test_a_sweep_computes_the_prefix_once(tmp_path, monkeypatch):
     (("freeze=full",), "nothing before"),
     (("dataset.augment=flip_crop",), "random per epoch"),
     (("freeze.gradual=1",), "freeze.gradual"),
-    (("freeze=pattern", "freeze.train=[stages.1*]"), "frozen after it"),
 ])
 def test_cache_not_applied_says_why(tmp_path, overrides, reason):
     cfg = compose_cfg(*TINY[:2], "trainer.max_epochs=1", "trainer.progress=false", *overrides)
@@ -95,3 +94,10 @@ def test_linear_probe_uses_the_same_store(tmp_path):
     fc = res["feature_cache"]
     assert fc["applied"] and fc["split_block"] is None and "whole backbone" in fc["reason"]
     assert json.loads((tmp_path / "r" / "results.json").read_text())["time"]["feature_cache_s"] == fc["compute_s"]
+
+
+def test_a_middle_block_splits_there_and_frozen_blocks_after_it_run_in_the_suffix(tmp_path):
+    cfg = compose_cfg(*TINY[:2], "freeze=pattern", "freeze.train=[stages.1*]", "trainer.max_epochs=1",
+                      "trainer.progress=false")
+    res = _train(cfg, tmp_path / "r")
+    assert res["feature_cache"]["applied"] and res["feature_cache"]["split_block"] == "stages.1"

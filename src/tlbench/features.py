@@ -63,7 +63,9 @@ def decide(cfg: Config, model, plan) -> CacheDecision:
         if cfg.freeze.bn == "train":
             return CacheDecision(False, "freeze.bn=train: the frozen backbone's BatchNorm statistics change")
         return CacheDecision(True, "the whole backbone is frozen: its features are computed once")
-    block, why = split_point(model.backbone, list(plan.trainable), frozen_bn_eval=cfg.freeze.bn == "eval")
+    # frozen blocks after the first trainable one just run in the suffix (DenseNet's denselayer16 preset)
+    block, why = split_point(model.backbone, list(plan.trainable), require_suffix=False,
+                             frozen_bn_eval=cfg.freeze.bn == "eval")
     if block is None:
         return CacheDecision(False, why)
     return CacheDecision(True, why, block)
