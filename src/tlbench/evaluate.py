@@ -3,6 +3,7 @@ figures; and ``tlbench eval RUN_DIR`` (re-evaluate a saved checkpoint, also on a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -31,8 +32,9 @@ def _positive(task: str, names: list[str], ecfg) -> int:
 
 
 def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, prefix: str = "",
-                 ecfg=None) -> dict:
-    """Write predictions/reports/figures of one split; return ``{task: metrics}``."""
+                 ecfg=None, shown: Optional[str] = None) -> dict:
+    """Write predictions/reports/figures of one split; return ``{task: metrics}``. ``shown``: the
+    split's name in the figures' titles (``tlbench eval split=val`` evaluates val as its test)."""
     from .config import EvalConfig
     from .tracking import log_test_figures
 
@@ -52,8 +54,8 @@ def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, pr
         out[task] = m
         if split == "test":
             write_report(run_dir, task, c["targets"], c["preds"], names, prefix)
-            save_confusion(run_dir, task, m["confusion_matrix"], names, tracker, prefix)
-            log_test_figures(run_dir, task, c, names, getattr(bundle, "test"), tracker, ecfg, prefix)
+            save_confusion(run_dir, task, m["confusion_matrix"], names, tracker, prefix, shown or split)
+            log_test_figures(run_dir, task, c, names, getattr(bundle, "test"), tracker, ecfg, prefix, shown or split)
     return out
 
 
@@ -102,7 +104,7 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
             bundle.test = getattr(bundle, split)
         loader = make_loaders(bundle, cfg, device)["test"]
         metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
-                               ecfg=cfg.eval)
+                               ecfg=cfg.eval, shown=split)
         write_json(out / "results.json", {
             "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
             "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],
@@ -112,3 +114,60 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     finally:
         close_log(out, "eval.log")
     return out
+
+
+# ----------------------------------------------------------------------------- console summaries
+# the metrics a summary line shows, in this order (those a task has)
+HEADLINE = ("accuracy", "top3_accuracy", "top5_accuracy", "macro_f1", "weighted_f1", "log_loss", "ece",
+            "sensitivity", "specificity", "roc_auc", "pr_auc")
+
+
+def _metric_line(task: str, m: dict) -> str:
+    from .tables import metric_name
+
+    ci = m.get("bootstrap_ci95") or {}
+    parts = []
+    for key in HEADLINE:
+        if isinstance(m.get(key), (int, float)):
+            text = f"{metric_name(key)} {m[key]:.4f}"
+            if key in ci:
+                text += f" (95% CI {ci[key][0]:.4f}-{ci[key][1]:.4f})"
+            parts.append(text)
+    return f"  {task}: {', '.join(parts)}"
+
+
+def summary_lines(out_dir) -> list[str]:
+    """What ``tlbench eval`` wrote into ``out_dir`` (``RUN_DIR/eval_<name>``), for the console: the
+    split and checkpoint, per task the headline metrics (as in its ``results.json``), the files."""
+    out_dir = Path(out_dir)
+    res = json.loads((out_dir / "results.json").read_text())
+    split = res.get("split", "test")
+    metrics = res.get(split) or {}
+    ds = res.get("dataset") or {}
+    n = next(iter(metrics.values()), {}).get("n")
+    where = f"{ds.get('name')}" + (f" at {ds['root']}" if ds.get("root") else "")
+    lines = [f"{split} metrics of {res.get('run_dir')} (best checkpoint, epoch {res.get('checkpoint_epoch')}) "
+             f"on {where}: {n} items"]
+    lines += [_metric_line(task, m) for task, m in metrics.items() if isinstance(m, dict)]
+    files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
+    lines.append(f"  files: {', '.join(files)}")
+    return lines
+
+
+def run_summary_lines(run_dir, results: dict, sweeping: bool = False, sweep_dir=None) -> list[str]:
+    """The lines printed after a training run. In a sweep (Optuna included) a trial shows its
+    *validation* metrics (the objective) and never its test metrics: those stay in
+    ``results.json`` for the final table (``tlbench compare``), so nobody picks on test."""
+    run_dir = Path(run_dir)
+    p = results.get("params") or {}
+    params = f"{p.get('trainable', 0):,} of {p.get('total', 0):,} parameters trained"
+    split = "val" if sweeping else "test"
+    values = ", ".join(f"{t} {m['accuracy']:.4f}" for t, m in (results.get(split) or {}).items())
+    if sweeping:
+        where = sweep_dir or run_dir.parent
+        return [f"val accuracy: {values} (the sweep's objective; best epoch {results.get('best_epoch')}, {params})",
+                f"run directory: {run_dir}",
+                f"test metrics are kept for the end of the sweep: tlbench compare {where}"]
+    return [f"test accuracy: {values} (best epoch {results.get('best_epoch')}, {params})",
+            f"run directory: {run_dir}",
+            f"inspect with:  tensorboard --logdir {run_dir / 'tb'}"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .figures import (confusion_figure, misclassified, misclassified_figure, misclassified_label,
+                      reliability_figure, to_display)
 from .metrics import classification_report
 
 log = logging.getLogger(__name__)
@@ -74,40 +76,20 @@ def write_report(run_dir: Path, task: str, targets, preds, class_names, prefix: 
     (run_dir / f"{prefix}classification_report_{task}.txt").write_text(text)
 
 
-def confusion_figure(cm, class_names, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(cm)
-    k = len(class_names)
-    size = min(4 + 0.35 * k, 20)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), class_names, rotation=90 if k > 10 else 0)
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    return fig
+def _save(fig, path: Path) -> Path:
+    """Write one figure (PNG, 100 dpi); the one place ``figures/`` files are written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
 
 
-def save_confusion(run_dir: Path, task: str, cm, class_names, tracker: Tracker | None, prefix: str = "") -> None:
-    import matplotlib.pyplot as plt
-
-    fig = confusion_figure(cm, class_names, f"{task} (test)")
-    (run_dir / "figures").mkdir(parents=True, exist_ok=True)
-    fig.savefig(run_dir / "figures" / f"{prefix}confusion_{task}.png", dpi=100)
+def save_confusion(run_dir: Path, task: str, cm, class_names, tracker: Tracker | None, prefix: str = "",
+                   split: str = "test") -> None:
+    """``figures/confusion_<task>.png``: counts and row-normalized percentages (and TensorBoard)."""
+    fig = confusion_figure(cm, class_names, f"{task} ({split})")
+    _save(fig, run_dir / "figures" / f"{prefix}confusion_{task}.png")
     if tracker:
         tracker.figure(f"confusion/{task}", fig)
-    plt.close(fig)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -116,46 +98,47 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def log_test_figures(run_dir: Path, task: str, c: dict, names, dataset, tracker, ecfg, prefix: str = "") -> None:
-    """Reliability diagram (PNG + TensorBoard), PR curve for binary tasks, misclassified grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .metrics import reliability
-
-    y, p, prob = np.asarray(c["targets"]), np.asarray(c["preds"]), np.asarray(c["probs"])
-    centers, acc, conf, cnt = reliability(y, prob, ecfg.calibration_bins)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.bar(centers, np.nan_to_num(acc), width=1.0 / len(centers), edgecolor="black", alpha=0.7, label="accuracy")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{task}: reliability (test)")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    (run_dir / "figures").mkdir(parents=True, exist_ok=True)
-    fig.savefig(run_dir / "figures" / f"{prefix}reliability_{task}.png", dpi=100)
+def log_test_figures(run_dir: Path, task: str, c: dict, names, dataset, tracker, ecfg, prefix: str = "",
+                     split: str = "test") -> None:
+    """``figures/reliability_<task>.png`` (ECE in the title, items per bin) and
+    ``figures/misclassified_<task>.png`` (labelled), also in TensorBoard with the PR curve of a
+    binary task."""
+    y, prob = np.asarray(c["targets"]), np.asarray(c["probs"], dtype=np.float64)
+    fig = reliability_figure(y, prob, ecfg.calibration_bins, f"{task} ({split})")
+    _save(fig, run_dir / "figures" / f"{prefix}reliability_{task}.png")
     if tracker:
         tracker.figure(f"reliability/{task}", fig)
-    plt.close(fig)
-    if tracker and tracker.writer:
-        if len(names) == 2:
-            tracker.writer.add_pr_curve(f"pr_curve/{task}", y, prob[:, 1], 0)
-        _misclassified_grid(task, y, p, dataset, tracker)
+    if tracker and tracker.writer and len(names) == 2:
+        tracker.writer.add_pr_curve(f"pr_curve/{task}", y, prob[:, 1], 0)
+    save_misclassified(run_dir, task, c, names, dataset, tracker, prefix, split)
 
 
-def _misclassified_grid(task, y, p, dataset, tracker, n: int = 32) -> None:
+def save_misclassified(run_dir: Path, task: str, c: dict, names, dataset, tracker=None, prefix: str = "",
+                       split: str = "test", limit: int = 32):
+    """``figures/misclassified_<task>.png``: the most confident mistakes, each image titled
+    ``#index: true → predicted`` with the predicted class's probability (index = the dataset item,
+    as in the predictions file). Nothing when there is no mistake or the split holds features."""
     import torch
-    import torchvision
 
-    wrong = np.flatnonzero(y != p)[:n]
-    if not len(wrong) or dataset is None:
-        return
-    with torch.random.fork_rng():
-        x = torch.stack([dataset[int(i)][0] for i in wrong]).cpu().float()
-    if x.dim() != 4:  # cached features, not images
-        return
-    x = (x - x.amin()) / (x.amax() - x.amin() + 1e-8)
-    tracker.image(f"misclassified/{task}", torchvision.utils.make_grid(x, nrow=8), 0)
+    y, p, prob = np.asarray(c["targets"]), np.asarray(c["preds"]), np.asarray(c["probs"], dtype=np.float64)
+    picked = misclassified(y, p, prob, limit)
+    if not picked or dataset is None:
+        return None
+    images = []
+    with torch.random.fork_rng():  # a dataset's transform never moves the run's RNG
+        for i in picked:
+            img = to_display(dataset[i][0])
+            if img is None:  # stored features, not images
+                return None
+            images.append(img)
+    indices = getattr(dataset, "indices", None)
+    labels = [misclassified_label(indices[i] if indices is not None else i, names[y[i]], names[p[i]], prob[i, p[i]])
+              for i in picked]
+    wrong = int(np.sum(y != p))
+    title = (f"{task} ({split}): {len(picked)} of {wrong} misclassified images, most confident first\n"
+             f"#dataset index: true → predicted, p = probability of the predicted class")
+    fig = misclassified_figure(images, labels, title)
+    path = _save(fig, run_dir / "figures" / f"{prefix}misclassified_{task}.png")
+    if tracker:
+        tracker.figure(f"misclassified/{task}", fig)
+    return path
