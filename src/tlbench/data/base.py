@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -88,6 +88,19 @@ def _flatten_alpha(im: Image.Image) -> Image.Image:
     if im.mode not in ("L", "RGB"):
         return im.convert("RGB")
     return im
+
+
+@dataclass
+class DatasetMeta:
+    """What is known about a dataset without reading its images (``tlbench plan``): every task
+    with its class names in label order (as :class:`Source` would hold them), the default task,
+    where the names came from, and the first item's native size (a callable: file datasets read
+    one image header for it, so it is asked only when a model's size depends on it)."""
+
+    tasks: dict[str, list[str]]
+    default_task: str
+    origin: str  # e.g. "batches.meta in ROOT/cifar-10-batches-py", "class folders under ROOT"
+    native_size: Callable[[], int]
 
 
 @dataclass

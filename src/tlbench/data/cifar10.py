@@ -23,7 +23,7 @@ from torchvision.datasets.utils import check_integrity
 from ..config import DatasetConfig
 from ..errors import TlbenchError
 from ._common import dataset_root
-from .base import Source
+from .base import DatasetMeta, Source
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ LAYOUT = f"ROOT/{FOLDER}/{{data_batch_1, ..., data_batch_5, test_batch, batches.
 DOWNLOAD_HINT = "Set dataset.download=true to fetch CIFAR-10 (163 MB) with torchvision's downloader."
 FORMAT = ("the official python-version batches: dicts with 'data' (N x 3072 uint8) and 'labels', "
           "and 'label_names' in batches.meta")
+
+# label_names of the official batches.meta (torchvision reads them from the file; this copy lets
+# `tlbench plan` name the classes without the data)
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+SIZE = 32
 
 _RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's array unpickling helper
 
@@ -222,3 +227,20 @@ def load(cfg: DatasetConfig) -> Source:
         official_test=np.arange(n_train, len(images)),
         default_task="label",
     )
+
+
+def meta(cfg: DatasetConfig) -> DatasetMeta:
+    """The class names from ``batches.meta`` when it is on disk (a small pickle; no image is
+    read), else the official CIFAR-10 list: a plan needs no data."""
+    path = None
+    if cfg.root is not None and str(cfg.root).strip():
+        root = dataset_root(cfg, LAYOUT, DOWNLOAD_HINT, must_exist=False)
+        if root.name == FOLDER and (root / FILES[0]).is_file():  # as _find_root
+            root = root.parent
+        path = root / FOLDER / META_FILE
+    if path is not None and path.is_file():
+        return DatasetMeta(tasks={"label": _read_classes(path)}, default_task="label", origin=str(path),
+                           native_size=lambda: SIZE)
+    where = f" (no {path})" if path is not None else ""
+    return DatasetMeta(tasks={"label": list(CLASSES)}, default_task="label",
+                       origin=f"the official CIFAR-10 class list{where}", native_size=lambda: SIZE)

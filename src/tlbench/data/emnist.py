@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import pickle
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,7 @@ from torchvision.datasets import EMNIST
 from ..config import DatasetConfig
 from ..errors import TlbenchError, choices
 from ._common import dataset_root
-from .base import Source
+from .base import DatasetMeta, Source
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ LAYOUT = (
     "(+ emnist-<split>-mapping.txt)"
 )
 DOWNLOAD_HINT = "Set dataset.download=true to fetch EMNIST (535 MB, all splits) with torchvision's downloader."
+SIZE = 28  # every EMNIST split: 28x28
 IDX_MAGIC = {"images-idx3": 2051, "labels-idx1": 2049}  # 0x0803 / 0x0801: uint8, 3 / 1 dims
 
 
@@ -185,3 +187,19 @@ def load(cfg: DatasetConfig) -> Source:
         official_test=np.arange(len(train_x), len(images)),
         default_task="label",
     )
+
+
+def meta(cfg: DatasetConfig) -> DatasetMeta:
+    """The split's class names from its mapping file when on disk, else torchvision's list for
+    the split (as :func:`class_names`); no image is read, and no data is needed."""
+    split = _split_name(cfg)
+    raw = None
+    if cfg.root is not None and str(cfg.root).strip():
+        root = dataset_root(cfg, LAYOUT, DOWNLOAD_HINT, must_exist=False)
+        raw = _raw_folder(root, split) if root.is_dir() else None
+    if raw is not None and (raw / f"emnist-{split}-mapping.txt").is_file():
+        origin = str(raw / f"emnist-{split}-mapping.txt")
+    else:
+        origin = f"torchvision's EMNIST {split} class list"
+    names = class_names(raw if raw is not None else Path(os.devnull), split)
+    return DatasetMeta(tasks={"label": names}, default_task="label", origin=origin, native_size=lambda: SIZE)

@@ -6,7 +6,9 @@
 * ``handwritten_digits``: ``ROOT/<Language>/<digit 0-9>/*``, tasks ``digit`` and ``language``.
 
 Every image is opened and decoded once up front, so a corrupt file fails (or, with
-``dataset.on_bad_image=skip``, is left out) before training starts, not mid-epoch.
+``dataset.on_bad_image=skip``, is left out) before training starts, not mid-epoch. The layout
+(class folders, class names, which files) is read first by listing folders only; ``meta_*``
+(for ``tlbench plan``) stops there and opens no image.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -24,7 +26,7 @@ from PIL import Image
 from ..config import DatasetConfig
 from ..errors import TlbenchError, choices
 from ._common import dataset_root, select_names
-from .base import Source
+from .base import DatasetMeta, Source
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,40 @@ class _Items:
         self.test += [test] * len(files)
 
 
+@dataclass
+class _Layout:
+    """A dataset's tree as listed (no image opened): tasks with class names, and the files in
+    item order as ``(files, {task: label}, official test?)`` groups."""
+
+    root: Path
+    tasks: dict[str, list[str]]
+    default_task: str
+    groups: list[tuple[list[Path], dict[str, int], bool]] = field(default_factory=list)
+
+    def items(self) -> _Items:
+        items = _Items(tasks=self.tasks)
+        for files, labels, test in self.groups:
+            items.add(files, labels, test)
+        return items
+
+    def meta(self) -> DatasetMeta:
+        first = next(f for files, _, _ in self.groups for f in files)  # the Source's item 0
+        return DatasetMeta(tasks={t: list(n) for t, n in self.tasks.items()}, default_task=self.default_task,
+                           origin=f"the folder names under {self.root}", native_size=_header_size(first))
+
+
+def _header_size(path: Path) -> Callable[[], int]:
+    """The larger side of the image at ``path``, from its header (Pillow opens lazily: no decoding)."""
+    def size() -> int:
+        try:
+            with Image.open(path) as im:
+                return int(max(im.size))
+        except Exception as e:  # noqa: BLE001 - as _open_error
+            raise TlbenchError(
+                f"image file {path} cannot be opened ({type(e).__name__}: {e}); fix or remove it") from None
+    return size
+
+
 def _drop_bad(items: _Items, root: Path, cfg: DatasetConfig) -> tuple[np.ndarray, list[str]]:
     """Indices of the items to keep and relpaths of bad files (or TlbenchError, on_bad_image=error)."""
     bad = find_bad_images(items.paths)
@@ -173,16 +209,23 @@ def _need_two(names: list[str], where: Path, cfg: DatasetConfig, layout: str) ->
 
 
 # ----------------------------------------------------------------------------- loaders
-def load_image_folder(cfg: DatasetConfig) -> Source:
-    """Any ``ROOT/<class>/<image>`` tree -> task ``label`` (class folder names, sorted)."""
+def _image_folder_layout(cfg: DatasetConfig) -> _Layout:
     root = dataset_root(cfg, FOLDER_LAYOUT, "dataset.download is not available for image folders.")
     found = scan_classes(root, cfg, FOLDER_LAYOUT)
     names = select_names(list(found), cfg.classes, "class", root)
     _need_two(names, root, cfg, FOLDER_LAYOUT)
-    items = _Items(tasks={"label": names})
-    for label, name in enumerate(names):
-        items.add(found[name], {"label": label})
-    return _to_source(items, root, cfg, "label")
+    return _Layout(root, {"label": names}, "label",
+                   [(found[name], {"label": label}, False) for label, name in enumerate(names)])
+
+
+def load_image_folder(cfg: DatasetConfig) -> Source:
+    """Any ``ROOT/<class>/<image>`` tree -> task ``label`` (class folder names, sorted)."""
+    layout = _image_folder_layout(cfg)
+    return _to_source(layout.items(), layout.root, cfg, layout.default_task)
+
+
+def meta_image_folder(cfg: DatasetConfig) -> DatasetMeta:
+    return _image_folder_layout(cfg).meta()
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -222,8 +265,7 @@ def _split_classes(splits: dict[str, Path], cfg: DatasetConfig) -> tuple[Classes
     return train, test
 
 
-def load_chest_xray(cfg: DatasetConfig) -> Source:
-    """Chest X-ray class folders; a ``test/`` folder becomes ``official_test``."""
+def _chest_xray_layout(cfg: DatasetConfig) -> _Layout:
     root = dataset_root(cfg, CHEST_LAYOUT, "dataset.download is not available for chest_xray.")
     splits = _split_folders(root)
     if splits:
@@ -235,12 +277,19 @@ def load_chest_xray(cfg: DatasetConfig) -> Source:
     missing = [n for n in names if test and n not in test]
     if missing:
         log.warning("chest_xray: %s has no test images for class(es) %s", splits["test"], ", ".join(missing))
-    items = _Items(tasks={"label": names})
-    for label, name in enumerate(names):
-        items.add(train[name], {"label": label})
-    for label, name in enumerate(names):
-        items.add(test.get(name, []), {"label": label}, test=True)
-    return _to_source(items, root, cfg, "label")
+    groups = [(train[name], {"label": label}, False) for label, name in enumerate(names)]
+    groups += [(test.get(name, []), {"label": label}, True) for label, name in enumerate(names)]
+    return _Layout(root, {"label": names}, "label", groups)
+
+
+def load_chest_xray(cfg: DatasetConfig) -> Source:
+    """Chest X-ray class folders; a ``test/`` folder becomes ``official_test``."""
+    layout = _chest_xray_layout(cfg)
+    return _to_source(layout.items(), layout.root, cfg, layout.default_task)
+
+
+def meta_chest_xray(cfg: DatasetConfig) -> DatasetMeta:
+    return _chest_xray_layout(cfg).meta()
 
 
 def _digit_folders(language: Path) -> None:
@@ -257,20 +306,28 @@ def _digit_folders(language: Path) -> None:
         )
 
 
-def load_handwritten_digits(cfg: DatasetConfig) -> Source:
-    """``ROOT/<Language>/<digit>/*`` -> tasks ``digit`` (0-9) and ``language`` (sorted names).
-
-    ``dataset.classes`` selects languages (e.g. ``[Thai]``); both tasks are always labelled.
-    """
+def _handwritten_digits_layout(cfg: DatasetConfig) -> _Layout:
     root = dataset_root(cfg, DIGITS_LAYOUT, "dataset.download is not available for handwritten_digits.")
     found = [d.name for d in subfolders(root)]
     if not found:
         raise TlbenchError(f"{root} has no language folders. Expected layout: {DIGITS_LAYOUT}")
     languages = select_names(found, cfg.classes, "language", root)
-    items = _Items(tasks={"digit": list(DIGITS), "language": languages})
+    layout = _Layout(root, {"digit": list(DIGITS), "language": languages}, "digit")
     for lang_label, language in enumerate(languages):
         _digit_folders(root / language)
         digits = scan_classes(root / language, cfg, DIGITS_LAYOUT)
-        for digit in DIGITS:
-            items.add(digits[digit], {"digit": int(digit), "language": lang_label})
-    return _to_source(items, root, cfg, "digit")
+        layout.groups += [(digits[d], {"digit": int(d), "language": lang_label}, False) for d in DIGITS]
+    return layout
+
+
+def load_handwritten_digits(cfg: DatasetConfig) -> Source:
+    """``ROOT/<Language>/<digit>/*`` -> tasks ``digit`` (0-9) and ``language`` (sorted names).
+
+    ``dataset.classes`` selects languages (e.g. ``[Thai]``); both tasks are always labelled.
+    """
+    layout = _handwritten_digits_layout(cfg)
+    return _to_source(layout.items(), layout.root, cfg, layout.default_task)
+
+
+def meta_handwritten_digits(cfg: DatasetConfig) -> DatasetMeta:
+    return _handwritten_digits_layout(cfg).meta()

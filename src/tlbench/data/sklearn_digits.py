@@ -8,7 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import DatasetConfig
-from .base import Source
+from .base import DatasetMeta, Source
+
+CLASSES = [str(d) for d in range(10)]  # load_digits().target_names, as strings
+SIZE = 8
 
 
 def load(cfg: DatasetConfig) -> Source:
@@ -23,3 +26,9 @@ def load(cfg: DatasetConfig) -> Source:
         images=images,
         default_task="label",
     )
+
+
+def meta(cfg: DatasetConfig) -> DatasetMeta:
+    """The classes and size without loading the images (they are fixed)."""
+    return DatasetMeta(tasks={"label": list(CLASSES)}, default_task="label",
+                       origin="scikit-learn's digits (10 classes, 8x8)", native_size=lambda: SIZE)

@@ -7,7 +7,6 @@ same split. The indices are saved to ``splits.json`` in every run directory.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from ..errors import TlbenchError
 
@@ -30,6 +29,8 @@ def _split(pool: np.ndarray, labels: np.ndarray, fraction: float, seed: int, str
             f"the {what} split would be empty or take everything: {fraction:g} of {len(pool)} items "
             f"is {n_part}; change dataset.{what}_fraction or use more data (dataset.limit_per_class)"
         )
+    from sklearn.model_selection import train_test_split  # here: `tlbench plan` imports this package, never splits
+
     strat = labels[pool] if stratify else None
     try:
         rest, part = train_test_split(pool, test_size=n_part, random_state=seed, stratify=strat)
