@@ -1,19 +1,62 @@
-"""``tlbench plan``: what a run would train, printed without training."""
+"""``tlbench plan``: what a run would train, printed without training.
+
+A plan needs neither weights nor images (:func:`build_plan`): the backbone is built as an
+architecture only (``structure_only``: meta device, no weights read or downloaded; the report
+says whether they are cached and where), the tasks come from the dataset's metadata or folder
+names (``data.meta``), and nothing is decoded. So it answers in seconds, offline, also without
+the dataset on disk when its class list is known (sklearn_digits, cifar10, emnist).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+from typing import Optional
 
 from .freeze import FreezePlan
 
 
-def plan_data(model, plan: FreezePlan) -> dict:
+def build_plan(cfg):
+    """``(model, freeze plan, {task: class names}, dataset meta)`` for ``cfg``, reading no weights
+    and no images. Parameter counts, blocks and groups are those of ``build.build_everything``."""
+    import torch
+    from torch.nn.parameter import is_lazy
+
+    from .build import seed_everything
+    from .config import check_tasks
+    from .data.meta import plan_tasks
+    from .freeze import apply_freeze
+    from .models import TLModel, build_backbone, build_model
+    from .models.backbones import BACKBONE_NAMES
+    from .models.backbones import build_backbone as build_net
+
+    seed_everything(cfg.seed)
+    if cfg.model.name in BACKBONE_NAMES:
+        backbone = build_net(cfg.model, structure_only=True)
+    else:  # from-scratch models are small: built as in a run (an unknown name: its error)
+        backbone = build_backbone(cfg.model)
+    tasks, meta = plan_tasks(cfg.dataset)
+    check_tasks(cfg, tasks)
+    sizes = {t: len(n) for t, n in tasks.items()}
+    model = TLModel(backbone, sizes, cfg.head)
+    if any(is_lazy(p) for p in model.parameters()):  # the mlp's first layer: sized by one forward
+        spec = backbone.input_spec
+        side = spec.size if spec.resize and spec.size else meta.native_size()
+        model = build_model(backbone, sizes, cfg.head, torch.zeros(2, spec.channels, side, side))
+    plan = apply_freeze(model, cfg.freeze, cfg.optim)
+    return model, plan, tasks, meta
+
+
+def plan_data(model, plan: FreezePlan, tasks: Optional[dict] = None, classes_from: Optional[str] = None) -> dict:
     """The plan as JSON-able data (what :func:`plan_report` prints)."""
     bb = model.backbone
     spec = bb.input_spec
+    info = getattr(bb, "weights_info", None)
     return {
         "policy": plan.policy,
         "weights_source": getattr(bb, "weights_source", "random init"),
+        **({"weights": asdict(info)} if info is not None else {}),
+        **({"tasks": tasks, "classes_from": classes_from} if tasks is not None else {}),
         "input": {
             "size": spec.size,
             "channels": spec.channels,
@@ -43,10 +86,26 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-def plan_report(model, plan: FreezePlan, as_json: bool = False) -> str:
+def _weights_line(w: dict) -> list[str]:
+    """Whether the weights a run would load are on disk, and where (nothing when it loads none)."""
+    if w.get("cached") is None:
+        return []
+    if w["cached"]:
+        return [f"weights file:  cached, {w['path']}"]
+    looked = f"looked for {w['path']}; " if w.get("path") else ""
+    return [f"weights file:  MISSING ({looked}{w.get('fix') or 'not on disk'})"]
+
+
+def _names(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def plan_report(model, plan: FreezePlan, as_json: bool = False, tasks: Optional[dict] = None,
+                classes_from: Optional[str] = None) -> str:
     """Human-readable (or JSON) report of blocks, parameter counts, optimizer groups, BN layers
-    kept in eval, input size/normalization and the weights source."""
-    d = plan_data(model, plan)
+    kept in eval, input size/normalization, the weights source (and whether it is cached) and,
+    when given, the tasks with their classes."""
+    d = plan_data(model, plan, tasks, classes_from)
     if as_json:
         return json.dumps(d, indent=2)
     inp = d["input"]
@@ -55,9 +114,16 @@ def plan_report(model, plan: FreezePlan, as_json: bool = False) -> str:
     lines = [
         f"freeze policy: {d['policy']}",
         f"weights:       {d['weights_source']}",
+        *_weights_line(d.get("weights", {})),
         f"input:         {inp['size']}x{inp['size']} x{inp['channels']} channels, mean ({mean}), std ({std})"
         + ("" if inp["resize"] else ", native size"),
         f"features:      {d['feature_dim']}",
+    ]
+    for task, names in (tasks or {}).items():
+        lines.append(f"task {task + ':':<9}{len(names)} classes ({_names(names)})")
+    if classes_from:
+        lines.append(f"classes from:  {classes_from}")
+    lines += [
         "",
         f"{'#':>3}  {'block':<40} {'params':>12} {'trainable':>12}",
     ]
@@ -85,9 +151,6 @@ def plan_report(model, plan: FreezePlan, as_json: bool = False) -> str:
 
 
 def plan_text(cfg, as_json: bool) -> str:
-    """``tlbench plan``: build the model and freeze plan (data only for the task sizes)."""
-    from .build import build_everything, seed_everything
-
-    seed_everything(cfg.seed)
-    _, model, plan = build_everything(cfg)
-    return plan_report(model, plan, as_json)
+    """``tlbench plan``: the model and freeze plan from :func:`build_plan` (no weights, no images)."""
+    model, plan, tasks, meta = build_plan(cfg)
+    return plan_report(model, plan, as_json, tasks, meta.origin)

@@ -9,6 +9,8 @@ weights came from (see :mod:`.weights`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import logging
 import re
@@ -61,10 +63,15 @@ class NetBackbone(Backbone):
 
 
 # ----------------------------------------------------------------------------- entry point
-def build_backbone(cfg: ModelConfig) -> Backbone:
+def build_backbone(cfg: ModelConfig, structure_only: bool = False) -> Backbone:
     """Build the torchvision/timm backbone ``cfg.name`` (or ``cfg.arch`` for ``torchvision``/``timm``).
 
     Weights: ``cfg.weights`` > ``cfg.init_from`` > ``cfg.pretrained`` > random init.
+
+    ``structure_only=True`` (``tlbench plan``): the architecture only, built on the meta device
+    (every shape, block and parameter count, but no values: nothing allocated, initialized, read
+    or downloaded). ``weights_source`` and ``weights_info`` say where the weights would come from
+    and whether they are on disk (:func:`locate`). Such a backbone cannot run on real inputs.
     """
     arch = _resolve_arch(cfg)
     if cfg.weights and cfg.init_from:
@@ -72,18 +79,60 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
             f"model.weights={cfg.weights!r} and model.init_from={cfg.init_from!r} are both set; "
             "choose one source of backbone weights"
         )
-    if cfg.name in TORCHVISION_NAMES or cfg.name == "torchvision":
-        bb = _build_torchvision(arch, cfg)
-    else:
-        bb = _build_timm(arch, cfg)
-    if cfg.truncate:
-        _truncate(bb, cfg.truncate, keep_prefix="blocks_token_only" if hasattr(bb.net, "blocks_token_only") else None)
-    bb.feature_dim = _probe_dim(bb)
-    if cfg.init_from:
+    with torch.device("meta") if structure_only else contextlib.nullcontext():
+        if cfg.name in TORCHVISION_NAMES or cfg.name == "torchvision":
+            bb = _build_torchvision(arch, cfg, structure_only)
+        else:
+            bb = _build_timm(arch, cfg, structure_only)
+        if cfg.truncate:
+            _truncate(bb, cfg.truncate,
+                      keep_prefix="blocks_token_only" if hasattr(bb.net, "blocks_token_only") else None)
+        bb.feature_dim = _probe_dim(bb)
+    if structure_only:
+        bb.weights_info = locate(cfg)
+        bb.weights_source = bb.weights_info.source
+    elif cfg.init_from:
         _load_init_from(bb, cfg.init_from)
     log.info("backbone %s: %d blocks, feature_dim %d, weights: %s",
              arch, len(bb.block_spec), bb.feature_dim, bb.weights_source)
     return bb
+
+
+def locate(cfg: ModelConfig) -> weights.WeightsInfo:
+    """Where :func:`build_backbone` would take ``cfg``'s weights from and whether they are on disk;
+    nothing is read or downloaded (a missing file is reported, not an error)."""
+    arch = _resolve_arch(cfg)
+    if cfg.weights:
+        return weights.file_location(cfg.weights)
+    if cfg.init_from:
+        return weights.init_from_location(cfg.init_from)
+    if not cfg.pretrained:
+        return weights.WeightsInfo("random init")
+    if cfg.name in TORCHVISION_NAMES or cfg.name == "torchvision":
+        info = weights.torchvision_location(arch)
+    elif cfg.name.startswith("efficientnet_lite"):
+        info = weights.efficientnet_lite_location(_lite_variant(arch))
+    else:
+        info = weights.timm_location(_declared_weights(arch).to_dict(), _display(cfg, arch))
+    if info.cached is False and not info.fix:
+        fetch = f"tlbench download model={_display(cfg, arch)}"
+        info = dataclasses.replace(info, fix=f"`{fetch}` fetches them (needs network; then copy the cache over)")
+    return info
+
+
+def _lite_variant(arch: str) -> int:
+    m = re.search(r"lite(\d)", arch)
+    return int(m.group(1)) if m else 0
+
+
+def _declared_weights(arch: str):
+    """timm's pretrained config of ``arch`` (TlbenchError when it declares no weights)."""
+    import timm
+
+    declared = timm.models.get_pretrained_cfg(arch)
+    if declared is None:
+        raise TlbenchError(f"timm declares no pretrained weights for {arch}; set model.pretrained=false")
+    return declared
 
 
 def _resolve_arch(cfg: ModelConfig) -> str:
@@ -146,7 +195,12 @@ def _load_init_from(bb: NetBackbone, run_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- torchvision
-def _build_torchvision(arch: str, cfg: ModelConfig) -> NetBackbone:
+def _loads_weights(cfg: ModelConfig) -> bool:
+    """Whether the build loads weights into the network (``init_from`` is loaded afterwards)."""
+    return bool(cfg.weights) or (cfg.pretrained and not cfg.init_from)
+
+
+def _build_torchvision(arch: str, cfg: ModelConfig, structure_only: bool = False) -> NetBackbone:
     import torchvision
 
     valid = torchvision.models.list_models(module=torchvision.models)
@@ -155,11 +209,13 @@ def _build_torchvision(arch: str, cfg: ModelConfig) -> NetBackbone:
             f"model.arch={arch!r} is not a torchvision classification model; choose one of {choices(valid)}"
         )
     sd, source = None, "random init"
-    if cfg.weights:
+    if structure_only:
+        pass
+    elif cfg.weights:
         sd, source = weights.load_file(cfg.weights), f"file {cfg.weights}"
     elif cfg.pretrained and not cfg.init_from:
         sd, source = weights.torchvision_state_dict(arch, _display(cfg, arch))
-    net = _new_tv_net(arch, _tv_kwargs(arch, cfg, sd is not None))
+    net = _new_tv_net(arch, _tv_kwargs(arch, cfg, _loads_weights(cfg)), structure_only)
     cls_path = _last_classifier(net, arch)
     if sd is not None:
         _load_tv(net, sd, arch, cls_path, cfg)
@@ -171,11 +227,12 @@ def _build_torchvision(arch: str, cfg: ModelConfig) -> NetBackbone:
     return NetBackbone(net, spec, _tv_input_spec(arch, cfg), source)
 
 
-def _new_tv_net(arch: str, kwargs: dict) -> nn.Module:
-    """``get_model(arch)``; VGG's 120M-parameter classifier MLP (dropped anyway) is never allocated."""
+def _new_tv_net(arch: str, kwargs: dict, structure_only: bool = False) -> nn.Module:
+    """``get_model(arch)``; VGG's 120M-parameter classifier MLP (dropped anyway) is never allocated.
+    ``structure_only``: built on the current (meta) device as is."""
     import torchvision
 
-    if not arch.startswith("vgg"):
+    if structure_only or not arch.startswith("vgg"):
         return torchvision.models.get_model(arch, weights=None, **kwargs)
     with torch.device("meta"):
         net = torchvision.models.get_model(arch, weights=None, **kwargs)
@@ -274,7 +331,7 @@ def _spec(size: int, chans: int, mean: tuple, std: tuple) -> InputSpec:
 
 
 # ----------------------------------------------------------------------------- timm
-def _build_timm(arch: str, cfg: ModelConfig) -> NetBackbone:
+def _build_timm(arch: str, cfg: ModelConfig, structure_only: bool = False) -> NetBackbone:
     import timm
 
     if not timm.is_model(arch):
@@ -288,7 +345,7 @@ def _build_timm(arch: str, cfg: ModelConfig) -> NetBackbone:
     if cfg.image_size and declared is not None and declared.fixed_input_size:
         # ViTs: position embeddings for this size (timm resamples pretrained ones)
         kwargs["img_size"] = cfg.image_size
-    sd, source = _timm_weights(arch, cfg)
+    sd, source = (None, "random init") if structure_only else _timm_weights(arch, cfg)
     if sd is not None:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
     try:
@@ -318,15 +375,10 @@ def _timm_weights(arch: str, cfg: ModelConfig):
     elif not cfg.pretrained or cfg.init_from:
         return None, "random init"
     elif not lite:
-        declared = timm.models.get_pretrained_cfg(arch)
-        if declared is None:
-            raise TlbenchError(f"timm declares no pretrained weights for {arch}; set model.pretrained=false")
-        return weights.timm_state_dict(declared.to_dict(), _display(cfg, arch))
+        return weights.timm_state_dict(_declared_weights(arch).to_dict(), _display(cfg, arch))
     with torch.device("meta"):  # names and shapes only
         target = timm.create_model(arch).state_dict()
-    m = re.search(r"lite(\d)", arch)
-    variant = int(m.group(1)) if m else 0
-    sd, lite_source = weights.efficientnet_lite_state_dict(variant, target, src)
+    sd, lite_source = weights.efficientnet_lite_state_dict(_lite_variant(arch), target, src)
     return sd, source if src is not None else lite_source
 
 
