@@ -362,7 +362,8 @@ def figure(rows: Sequence[Row], errorbar: str = "ci", size: str = "two"):
                 label = f"mean ± {ERRORBARS[errorbar]}" if errorbar != "none" else "mean"
                 bar = ax.errorbar([x], [s.mean * m.scale], yerr=None if err is None else [err * m.scale], fmt="o",
                                   color="C0", ms=4, capsize=3, zorder=3, label=label)
-                jitter = [(j - (len(s.values) - 1) / 2) * 0.06 for j in range(len(s.values))]
+                # the runs beside their mean (not on it), spread a little so equal values stay visible
+                jitter = [0.15 + (j - (len(s.values) - 1) / 2) * 0.05 for j in range(len(s.values))]
                 xs = [x * (1 + d) for d in jitter] if by_params else [x + d for d in jitter]
                 dots = ax.scatter(xs, [v * m.scale for v in s.values], s=9, color="0.45", alpha=0.8, zorder=2,
                                   linewidths=0, label="single runs (seeds)")
