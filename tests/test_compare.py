@@ -263,9 +263,16 @@ def test_real_sweep_compare(tmp_path):
     rows = aggregate(runs)
     assert [(r.values, r.n) for r in rows] == [(("cnn",), 2), (("mlp",), 2)]
     for row in rows:
-        accs = [json.loads((p / "results.json").read_text())["test"]["label"]["accuracy"] for p in row.runs]
-        assert row.mean == pytest.approx(sum(accs) / 2)
+        res = [json.loads((p / "results.json").read_text()) for p in row.runs]
+        assert row.mean == pytest.approx(sum(r["test"]["label"]["accuracy"] for r in res) / 2)
         assert row.trainable > 0 and row.train_img_s > 0 and row.warnings == []
+        # the cost columns, recomputed from each run's own record
+        assert row.total_s == pytest.approx(sum(r["time"]["total_s"] for r in res) / 2)
+        assert row.epoch_s == pytest.approx(sum(r["time"]["train_s_per_epoch"] + r["time"]["val_s_per_epoch"]
+                                                for r in res) / 2)
+        assert row.train_img_s == pytest.approx(sum(r["epochs"][0]["train"]["n"] / r["time"]["train_s_per_epoch"]
+                                                    for r in res) / 2)
+        assert all(r["time"]["total_s"] > r["time"]["train_s_per_epoch"] for r in res)
     out = tmp_path / "table.md"
     assert compare_main([str(sweep), "--out", str(out)]) == 0
     assert "| cnn " in out.read_text() and "| mlp " in out.read_text()

@@ -382,7 +382,6 @@ def figure(rows: Sequence[Row], errorbar: str = "ci", size: str = "two"):
             ax.set_ylabel(m.heading)
             ax.grid(True, which="major", axis="y", alpha=0.3)
             ax.legend(handles=handles, loc="best", frameon=False)
-    fig.tlbench_errorbar = errorbar  # what the bars are, for callers and tests
     return fig
 
 
