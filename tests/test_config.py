@@ -72,19 +72,48 @@ def test_every_typed_setting_is_overridable_even_if_the_preset_omits_it(tmp_path
 
 
 def test_command_line_value_overrides_a_preset_sweep_axis():
-    from tlbench.cli import _expand_sweep, _hydra_compose, prepare
+    from tlbench.cli import _hydra_compose, sweep_jobs
 
-    p = prepare(["+experiment=cifar_course_vgg16", "optim.lr=0.05"])
-    params = _hydra_compose(p, hydra_cfg=True).hydra.sweeper.params
+    params = _hydra_compose(["+experiment=cifar_course_vgg16"], hydra_cfg=True).hydra.sweeper.params
     assert "optim.lr" in params  # the preset sweeps it ...
-    jobs = _expand_sweep([f"{k}={v}" for k, v in params.items()] + p)
+    assert len(sweep_jobs(["+experiment=cifar_course_vgg16"])) == 3
+    jobs = sweep_jobs(["+experiment=cifar_course_vgg16", "optim.lr=0.05"])
     assert len(jobs) == 1 and "optim.lr=0.05" in jobs[0]  # ... and the command line wins: one job
 
 
-def test_trainer_smoke_shrinks_presets_and_later_overrides_win():
+@pytest.mark.parametrize("order", ["smoke-first", "smoke-last"])
+def test_trainer_smoke_shrinks_presets_and_later_overrides_win(order):
+    """trainer=smoke is composed after the preset (the defaults list's order), wherever it is typed."""
     from tlbench.cli import compose
 
-    assert compose(["+experiment=digits_mlp"]).trainer.max_epochs == 15
-    cfg = compose(["+experiment=digits_mlp", "trainer=smoke"])
-    assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2 and cfg.model.image_size == 32
-    assert compose(["+experiment=digits_mlp", "trainer=smoke", "trainer.max_epochs=2"]).trainer.max_epochs == 2
+    def shrunk(*extra):
+        args = ["+experiment=chest_xray_fe_vs_ft", "trainer=smoke"]
+        return compose([*(args if order == "smoke-last" else args[::-1]), *extra])
+
+    assert compose(["+experiment=chest_xray_fe_vs_ft"]).trainer.patience == 8
+    cfg = shrunk()
+    assert (cfg.trainer.max_epochs, cfg.trainer.limit_train_batches, cfg.trainer.patience) == (1, 2, None)
+    assert (cfg.model.image_size, cfg.batch_size, cfg.trainer.device) == (32, 8, "cpu")
+    assert cfg.optim.weight_decay == 1e-5  # the preset's other settings stand
+    assert shrunk("trainer.max_epochs=2").trainer.max_epochs == 2
+
+
+def test_experiment_with_and_without_plus_is_the_same_preset():
+    from tlbench.cli import compose
+
+    assert compose(["experiment=digits_mlp"]) == compose(["+experiment=digits_mlp"])
+    assert compose(["experiment=digits_mlp"]).model.hidden == (128, 64)
+
+
+def test_composed_config_pickles_by_reference():
+    """Sweep launchers (joblib, submitit) pickle the composed config: its schema classes are
+    found by name in tlbench.config, never rebuilt by value."""
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    from tlbench.cli import _hydra_compose
+    from tlbench.config import DatasetConfig, schema
+
+    dcfg = pickle.loads(pickle.dumps(_hydra_compose(["model=mlp"])))
+    assert OmegaConf.get_type(dcfg.dataset) is schema(DatasetConfig)

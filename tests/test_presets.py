@@ -3,8 +3,9 @@ comments promise and every job of it is a valid config, and each trains shrunk (
 random init, 1 epoch of 2 batches at 32 px) on a tiny fixture dataset in its official layout.
 
 Pretrained weights are not available offline, so every run uses model.pretrained=false.
-``+experiment=X`` is merged after the trainer group, so a preset's own trainer.* settings win
-over ``trainer=smoke``: the runs repeat the shrinking keys on the command line.
+``trainer=smoke`` needs no help: the trainer group is composed after the preset (the defaults
+list's order), so it shrinks every preset; only a preset's sweep axes (``hydra.sweeper.params``
+are overrides, like the command line) beat it.
 """
 
 from __future__ import annotations
@@ -19,28 +20,18 @@ from conftest import REPO, compose_cfg, results
 from fixtures_data import write_chest_xray, write_cifar10, write_emnist, write_handwritten_digits
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
-SHRINK = ["trainer=smoke", "trainer.max_epochs=1", "trainer.batch_size=8", "trainer.patience=null",
-          "trainer.limit_train_batches=2", "trainer.limit_eval_batches=2", "trainer.device=cpu",
-          "model.image_size=32", "model.pretrained=false"]
+SHRINK = ["trainer=smoke", "model.pretrained=false"]
 # No run here is marked slow: on 2 idle CPU cores each takes < 6 s (DeiT-B at 32 px is the slowest);
 # the whole file takes ~40 s idle, ~75 s when the machine is shared.
 
 
 def sweep_jobs(name: str) -> list[list[str]]:
-    """The jobs `tlbench -m +experiment=NAME` runs (the preset's hydra.sweeper.params grid)."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """The jobs `tlbench -m +experiment=NAME` runs (the preset's hydra.sweeper.params grid), as
+    tlbench checks them before any runs; [] for an Optuna search space (its jobs are sampled;
+    tests/test_sweeps.py runs one)."""
+    from tlbench.cli import sweep_jobs as jobs_of
 
-    from tlbench.cli import conf_dir
-
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
-    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
-    if any("interval(" in p for p in params):
-        return []  # an Optuna search space: its jobs are sampled (tests/test_sweeps.py runs one)
-    parsed = OverridesParser.create().parse_overrides(params)
-    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return [[o for o in job if o != f"experiment={name}"] for job in jobs_of([f"+experiment={name}"]) or []]
 
 
 # ----------------------------------------------------------------------------- composing
@@ -72,6 +63,26 @@ def test_preset_and_every_sweep_job_compose(name):
         if key not in seen:
             seen.add(key)
             compose_cfg(f"+experiment={name}", *job)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_prevalidation_checks_exactly_the_jobs_hydra_runs(name):
+    """tlbench validates every job before a sweep starts: the same jobs, in the same order, as
+    Hydra's basic sweeper runs (a command-line value replaces the preset's axis, also seed)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from tlbench.cli import _hydra_compose
+    from tlbench.cli import sweep_jobs as jobs_of
+
+    cmd = [f"experiment={name}", "seed=0,1"]
+    params = _hydra_compose(cmd[:1], hydra_cfg=True).hydra.sweeper.params or {}
+    ours = jobs_of(cmd)
+    if any("interval(" in str(v) for v in params.values()):
+        assert ours is None  # an Optuna search space: Optuna checks it
+        return
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + cmd)
+    assert ours == [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 # what `tlbench -m +experiment=NAME` sweeps: {axis: values}
@@ -198,7 +209,9 @@ def test_sweep_runs_every_job(tmp_path):
     from tlbench.cli import main
 
     sweep = tmp_path / "sweep"
-    code = main(["-m", "+experiment=cifar_course_mlp", *SHRINK, "trainer.progress=false",
+    # the preset sweeps trainer.max_epochs (10): a sweep axis is an override, so it beats trainer=smoke,
+    # and the command line's value replaces the axis
+    code = main(["-m", "+experiment=cifar_course_mlp", *SHRINK, "trainer.max_epochs=1",
                  *_data(tmp_path, "cifar10"), f"hydra.sweep.dir={sweep}"])
     assert code == 0
     lrs = []

@@ -115,6 +115,15 @@ def _hydra_message(e: Exception) -> str:
     """Hydra/OmegaConf composition errors -> one paragraph naming the bad value and valid ones."""
     import re
 
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import omegaconf_message
+
+    cause = e  # Hydra wraps OmegaConf's key and type errors
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return omegaconf_message(cause)
     msg = str(e).strip()
     missing = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", msg)
     if missing:
@@ -122,28 +131,18 @@ def _hydra_message(e: Exception) -> str:
         folder = conf_dir() / group
         valid = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
         return f"{group}={name!r} is not a known {group}; choose one of {choices(valid)}"
-    key = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
-    if key:
-        return _unknown_key(key.group(1))
     return " ".join(msg.split())
 
 
-def _unknown_key(dotted: str) -> str:
-    import dataclasses
+def _store_schema() -> None:
+    """``conf/config.yaml`` starts from ``tlbench_schema``: the typed Config as Hydra's structured-config
+    schema, so unknown keys, wrong types and missing values are composition errors, and every typed
+    setting exists (``group.key=value`` works where the selected YAML omits the key)."""
+    from hydra.core.config_store import ConfigStore
 
-    from .config import Config
+    from .config import schema
 
-    parts = dotted.split(".")
-    cls, where = Config, ""
-    for p in parts[:-1]:
-        sub = next((f.default_factory for f in dataclasses.fields(cls) if f.name == p
-                    and f.default_factory is not dataclasses.MISSING), None)
-        if sub is None:
-            break
-        cls, where = sub, p
-    names = [f.name for f in dataclasses.fields(cls)]
-    return (f"unknown key {dotted!r}; valid keys{' of ' + repr(where) if where else ''} are: "
-            f"{', '.join(names)}")
+    ConfigStore.instance().store(name="tlbench_schema", node=schema())
 
 
 def _hydra_compose(overrides: list[str], hydra_cfg: bool = False):
@@ -153,38 +152,45 @@ def _hydra_compose(overrides: list[str], hydra_cfg: bool = False):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    _store_schema()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_cfg)
+            return hydra_compose(config_name="config", overrides=canonical(overrides), return_hydra_config=hydra_cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise TlbenchError(f"bad configuration: {_hydra_message(e)}") from None
 
 
-def compose(overrides: list[str]):
-    """Compose the config and return the typed, validated Config."""
+def _typed(dcfg):
+    """The composed OmegaConf config (its ``hydra`` node left out) -> the typed, validated Config."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from .config import to_config
 
-    dcfg = _hydra_compose(prepare(overrides))
     try:
-        data = OmegaConf.to_container(dcfg, resolve=True)
+        data = OmegaConf.to_container(OmegaConf.masked_copy(dcfg, [k for k in dcfg if k != "hydra"]), resolve=True)
     except OmegaConfBaseException as e:
         raise TlbenchError(f"bad configuration: {_hydra_message(e)}") from None
     return to_config(data)
 
 
-def prepare(overrides: list[str]) -> list[str]:
-    """The overrides as Hydra should see them: ``trainer=smoke`` wins over presets, and every
-    typed setting is overridable even where the selected YAML omits it."""
-    return _force_add(_smoke_last(overrides))
+def compose(overrides: list[str]):
+    """Compose the config and return the typed, validated Config."""
+    return _typed(_hydra_compose(overrides))
+
+
+def canonical(overrides: list[str]) -> list[str]:
+    """``+experiment=NAME`` (the older spelling) is ``experiment=NAME``: the experiment group is in
+    the defaults list (before trainer, so ``trainer=smoke`` also shrinks presets)."""
+    return [o[1:] if o.startswith("+experiment=") else o for o in overrides]
 
 
 def _expand_sweep(overrides: list[str]) -> Optional[list[list[str]]]:
     """All jobs of a ``-m`` sweep (basic sweeper syntax: ``a,b``, ``range()``, ``choice()``), to
-    validate them before any runs. A syntax error is the user's (exit 2); ``None`` when the sweep
-    uses a sweeper plugin's own syntax (e.g. Optuna's ``interval()``), which that plugin checks."""
+    validate them before any runs; a later value of a key replaces an earlier one, as in Hydra's
+    basic sweeper (the command line replaces a preset's axis). A syntax error is the user's (exit 2);
+    ``None`` when the sweep uses a sweeper plugin's own syntax (e.g. Optuna's ``interval()``), which
+    that plugin checks."""
     import itertools
     import logging
 
@@ -196,17 +202,26 @@ def _expand_sweep(overrides: list[str]) -> Optional[list[list[str]]]:
     except HydraException as e:
         raise TlbenchError(f"bad override: {' '.join(str(e).split('See https')[0].split())}; "
                            f"write key=value, a sweep as key=a,b,c (no empty values)") from None
-    axes = []
+    axes: dict[str, list[str]] = {}
     for o in parsed:
         key = o.get_key_element()
         if o.is_sweep_override():
             if o.is_interval_sweep():
                 logging.getLogger(__name__).info("%s is swept by the sweeper plugin; it checks the values itself", key)
                 return None
-            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+            axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
         else:
-            axes.append([f"{key}={o.get_value_element_as_str()}"])
-    return [list(job) for job in itertools.product(*axes)]
+            axes[key] = [f"{key}={o.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*axes.values())]
+
+
+def sweep_jobs(overrides: list[str], hc=None) -> Optional[list[list[str]]]:
+    """The jobs ``tlbench -m OVERRIDES`` runs: the preset's ``hydra.sweeper.params`` grid with the
+    command line's values (``None`` for a sweeper plugin's own syntax, see :func:`_expand_sweep`)."""
+    overrides = canonical(overrides)
+    hc = hc or _hydra_compose(_first_values(overrides), hydra_cfg=True)
+    params = hc.hydra.sweeper.get("params") or {}
+    return _expand_sweep([f"{k}={v}" for k, v in params.items()] + overrides)
 
 
 def _validate(argv: list[str]) -> None:
@@ -215,17 +230,15 @@ def _validate(argv: list[str]) -> None:
     from .record import check_writable
 
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
-    multirun = "-m" in argv or "--multirun" in argv
     hydra_overrides = [a for a in argv if a.startswith(("hydra.", "hydra/"))]
-    hc = _hydra_compose(prepare(_first_values(overrides)) + hydra_overrides, hydra_cfg=True)
-    if not multirun:
+    if not ("-m" in argv or "--multirun" in argv):
+        hc = _hydra_compose(overrides + hydra_overrides, hydra_cfg=True)
         check_writable(Path(str(hc.hydra.run.dir)), "the run directory")
-        compose(overrides)
+        _typed(hc)
         return
+    hc = _hydra_compose(_first_values(overrides) + hydra_overrides, hydra_cfg=True)
     check_writable(Path(str(hc.hydra.sweep.dir)), "the sweep directory")
-    params = hc.hydra.sweeper.get("params") or {}
-    jobs = _expand_sweep([f"{k}={v}" for k, v in params.items()] + overrides)
-    for job in jobs or []:
+    for job in sweep_jobs(overrides, hc) or []:
         compose(job)
 
 
@@ -239,73 +252,6 @@ def _first_values(overrides: list[str]) -> list[str]:
             continue
         out.append(f"{key}={val.split(',')[0]}" if "," in val and "[" not in val else o)
     return out
-
-
-def _is_field(dotted: str) -> bool:
-    """Whether ``dotted`` names a setting of the typed Config (e.g. ``model.truncate``)."""
-    import dataclasses
-
-    from .config import Config
-
-    cls = Config
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return False
-        f = {x.name: x for x in dataclasses.fields(cls)}.get(part)
-        if f is None:
-            return False
-        cls = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-    return True
-
-
-def _force_add(overrides: list[str]) -> list[str]:
-    """``model.truncate=x`` works even where the selected preset's YAML omits the key: a typed
-    setting missing from the composed config is written as Hydra's ``++key=v`` (add or
-    override); keys that are there stay plain, so they still meet a preset's sweep axis."""
-    from omegaconf import OmegaConf
-
-    def candidate(o: str) -> bool:
-        key = o.split("=", 1)[0]
-        return "=" in o and "." in key and not o.startswith(("+", "~", "-", "hydra.")) and _is_field(key)
-
-    todo = [o for o in overrides if candidate(o)]
-    if not todo:
-        return overrides
-    try:
-        base = _hydra_compose(_first_values([o for o in overrides if not candidate(o)
-                                             and not o.startswith("hydra.")]))
-    except TlbenchError:
-        base = None  # the caller's own compose reports it
-    missing = object()
-    out = []
-    for o in overrides:
-        if o in todo and (base is None or OmegaConf.select(base, o.split("=", 1)[0], default=missing) is missing):
-            o = "++" + o
-        out.append(o)
-    return out
-
-
-def _smoke_last(overrides: list[str]) -> list[str]:
-    """``trainer=smoke`` also shrinks presets (``+experiment=...`` is merged after the trainer
-    group): its values are repeated as overrides right after it; later overrides still win."""
-    if "trainer=smoke" not in overrides:
-        return overrides
-    import yaml
-
-    values = yaml.safe_load((conf_dir() / "trainer" / "smoke.yaml").read_text())
-    flat = [f"{g}.{k}={_hydra_value(v)}" for g, section in values.items() for k, v in section.items()]
-    i = overrides.index("trainer=smoke") + 1
-    return overrides[:i] + flat + overrides[i:]
-
-
-def _hydra_value(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return "'" + v.replace("'", "\\'") + "'"
-    return str(v)
 
 
 def _resume_overrides(argv: list[str]) -> list[str]:
@@ -344,11 +290,11 @@ def _refuse_code(argv: list[str], allow_code: bool) -> None:
 
 # ----------------------------------------------------------------------------- train
 def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
-    argv = _resume_overrides(argv)
+    argv = canonical(_resume_overrides(argv))
     _refuse_code(argv, allow_code)
-    argv = prepare(argv)
     if not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
         _validate(argv)
+    _store_schema()
     import hydra
 
     task = _make_task(debug)
@@ -365,15 +311,13 @@ def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
 def _make_task(debug: bool):
     def task(dcfg) -> Optional[float]:
         from hydra.core.hydra_config import HydraConfig
-        from omegaconf import OmegaConf
 
-        from .config import to_config
         from .run import train
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         try:
-            cfg = to_config(OmegaConf.to_container(dcfg, resolve=True))
+            cfg = _typed(dcfg)
             if str(hc.mode) == "RunMode.MULTIRUN" and cfg.sweep.skip_finished:
                 from .record import sweep_job
 

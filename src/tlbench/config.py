@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from .errors import TlbenchError, choices
 
@@ -161,66 +161,89 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- parsing
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
+SCHEMAS: dict[type, type] = {}
 
 
-def _coerce(value: Any, tp, key: str):
-    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            if args and args[-1] is Ellipsis:
-                value = [value]  # a single value where a list is expected
-            else:
-                raise TlbenchError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
-        if args and args[-1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise TlbenchError(f"{key}={list(value)!r} must have {len(args)} values")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise TlbenchError(f"{key} must be a group of settings, got {value!r}")
-        return _from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif tp is Any:
-        return value
-    raise TlbenchError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+def schema(cls: type = Config) -> type:
+    """The non-frozen twin of a config dataclass: the structured-config schema Hydra composes into
+    (registered by ``cli.py``) and :func:`from_dict` checks with. ``ConfigSchema``,
+    ``DatasetConfigSchema``, ... are module attributes (a sweep launcher pickles composed configs)."""
+    if cls not in SCHEMAS:
+        fields = []
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            sub = dataclasses.is_dataclass(tp)
+            fields.append((f.name, schema(tp) if sub else tp,
+                           field(default_factory=schema(tp)) if sub else field(default=f.default)))
+        twin = dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
+        twin.__module__ = __name__
+        SCHEMAS[cls] = globals()[twin.__name__] = twin
+    return SCHEMAS[cls]
 
 
-def _from_dict(cls, data: dict, prefix: str):
+def from_dict(cls, data: dict, prefix: str = ""):
+    """The frozen ``cls`` from plain data, checked by OmegaConf against :func:`schema`: unknown
+    keys and wrong types raise a TlbenchError naming the key, the value and what is valid."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        plain = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema(cls)), data), resolve=True)
+    except OmegaConfBaseException as e:
+        raise TlbenchError(omegaconf_message(e, prefix)) from None
+    return _frozen(cls, plain)
+
+
+def _frozen(cls, data: dict):
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        where = f"'{prefix}'" if prefix else "the top level"
-        raise TlbenchError(
-            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
-            f"valid keys are: {', '.join(names)}"
-        )
     kwargs = {}
-    for name in names:
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    for f in dataclasses.fields(cls):
+        value = data[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            value = _frozen(hints[f.name], value)
+        kwargs[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)
+
+
+def omegaconf_message(e: Exception, prefix: str = "") -> str:
+    """An OmegaConf key or type error -> one line naming the key, the value and what is valid."""
+    from omegaconf.errors import ValidationError
+
+    key = ".".join(k for k in (prefix, str(getattr(e, "full_key", "") or "")) if k)
+    section, _, name = key.rpartition(".")
+    cls, tp = _lookup(key)
+    value = getattr(e, "value", None)
+    if key and cls is not None and tp is None:
+        valid = ", ".join(f.name for f in dataclasses.fields(cls))
+        return f"unknown key {key!r}; valid keys{f' of {section!r}' if section else ''} are: {valid}"
+    if not isinstance(e, ValidationError) or tp is None:
+        return (f"{key}: " if key else "") + " ".join(str(e).split("full_key:")[0].split())
+    if value is not None and typing.get_origin(tp) is tuple and not name.endswith("]"):
+        return f"{key}={value!r} must be a list, e.g. {key}=[{value}]"
+    return f"{key}={'null' if value is None else repr(value)} has the wrong type: expected {_type_name(tp)}"
+
+
+def _lookup(dotted: str):
+    """(the section class holding ``dotted``, the field's type, a list entry's for ``head.hidden[0]``);
+    the type is None for an unknown key, the class None where the path leaves Config."""
+    section, _, last = dotted.rpartition(".")
+    cls = Config
+    for part in section.split(".") if section else []:
+        cls = typing.get_type_hints(cls).get(part)
+        if not dataclasses.is_dataclass(cls):
+            return None, None
+    tp = typing.get_type_hints(cls).get(last.split("[")[0])
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X] -> X
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return cls, (typing.get_args(tp)[0] if tp and "[" in last else tp)
+
+
+def _type_name(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a group of settings (KEY=VALUE under it)"
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _check_choice(key: str, value, valid) -> None:
@@ -323,6 +346,8 @@ def _validate_more(cfg: Config) -> None:
         raise TlbenchError("model.hidden=[] leaves the mlp without a layer; give at least one hidden size, "
                            "e.g. model.hidden=[256,128]")
     # the optimizer and the schedule
+    if len(o.betas) != 2:
+        raise TlbenchError(f"optim.betas={list(o.betas)!r} must have 2 values")
     for i, b in enumerate(o.betas):
         _check_range(f"optim.betas[{i}]", b, 0.0, 1.0, hi_open=True)
     if o.nesterov and o.name != "sgd":
@@ -375,8 +400,10 @@ def check_tasks(cfg: Config, tasks: dict[str, list[str]]) -> None:
 
 def to_config(data: dict) -> Config:
     """Build the frozen :class:`Config` from a plain (resolved) dict and validate it."""
-    data = {k: v for k, v in data.items() if k != "hydra"}
-    return validate(_from_dict(Config, data, ""))
+    return validate(from_dict(Config, {k: v for k, v in data.items() if k != "hydra"}))
+
+
+schema()  # from import on: a launcher's worker process unpickles configs that refer to them
 
 
 def to_dict(cfg: Config) -> dict:

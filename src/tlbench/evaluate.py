@@ -64,14 +64,14 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     with the same classes) into ``run_dir/eval_<name>/`` with the same file contract."""
     import dataclasses
 
-    from .config import DatasetConfig, _from_dict, to_config, validate
+    from .config import DatasetConfig, from_dict, to_config, validate
 
     if split not in ("train", "val", "test", "all"):
         raise TlbenchError(f"split={split!r} is not valid; choose one of 'train', 'val', 'test', 'all'")
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     saved = ckpt["config"]
-    ds = _from_dict(DatasetConfig, {**saved["dataset"], **dataset_updates}, "dataset")
+    ds = from_dict(DatasetConfig, {**saved["dataset"], **dataset_updates}, "dataset")
     cfg = validate(dataclasses.replace(to_config(saved), dataset=ds))
     # the checkpoint holds every weight: do not look for pretrained files again
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None,
