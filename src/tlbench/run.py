@@ -124,9 +124,11 @@ def _resume(cfg: Config, run_dir: Path, state: TrainState) -> None:
 
 
 def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None,
-          record: Optional[dict[str, str]] = None) -> dict:
+          record: Optional[dict[str, str]] = None, sweeping: bool = False) -> dict:
     """Run one experiment into ``run_dir`` and return the results dict. ``record``: the
     ``.hydra/`` files (name -> text) to write when the run starts (the CLI passes them).
+    ``sweeping``: a job of a sweep: its test metrics go to results.json and predictions only,
+    never to TensorBoard, where a search could be steered by them.
 
     Nothing is written before the run starts (config checked, directory locked, data and model
     built): a refused run leaves an existing directory unchanged, a new one with at most
@@ -142,6 +144,7 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None,
         with RunLock(run_dir):
             try:
                 ctx = _setup(cfg, run_dir, stop_after)
+                ctx.sweeping = sweeping
             except TlbenchError as e:
                 if is_fresh(run_dir):
                     write_status(run_dir, "failed", str(e))
@@ -169,6 +172,7 @@ class _Ctx:
     loaders: Optional[dict] = None
     opts: Optional[LoopOptions] = None
     feature_cache: Optional[dict] = None  # results.json's record of the frozen-prefix cache
+    sweeping: bool = False  # a sweep's job: no test metric reaches TensorBoard
 
 
 def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
@@ -277,7 +281,7 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
     val = report_split(run_dir, "val", evaluate_split(state.net or state.model, loaders["val"], tasks, opts, lim), bundle,
                        None, ecfg=cfg.eval)
     test = report_split(run_dir, "test", evaluate_split(state.net or state.model, loaders["test"], tasks, opts, lim),
-                        bundle, tracker, ecfg=cfg.eval)
+                        bundle, None if ctx.sweeping else tracker, ecfg=cfg.eval)
     hist = state.history
     results = {
         "tlbench_version": __version__, "config_hash": config_hash(cfg), "dataset": cfg.dataset.name,
@@ -295,7 +299,7 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
         "epochs": hist, "val": val, "test": test,
     }
     write_json(run_dir / "results.json", results)
-    _final_scalars(cfg, results, tracker, run_dir)
+    _final_scalars(cfg, results, tracker, run_dir, ("val",) if ctx.sweeping else ("val", "test"))
     return results
 
 
@@ -315,10 +319,10 @@ def _hparam_keys(run_dir: Path) -> Optional[set]:
     return keys
 
 
-def _final_scalars(cfg: Config, results: dict, tracker: Tracker, run_dir: Path) -> None:
+def _final_scalars(cfg: Config, results: dict, tracker: Tracker, run_dir: Path, splits=("val", "test")) -> None:
     step = results["best_epoch"] or 0
     metrics = {}
-    for split in ("val", "test"):
+    for split in splits:
         for t, m in results[split].items():
             tracker.scalars({f"accuracy/{split}_best/{t}": m["accuracy"]}, step)
             metrics[f"hparam/{split}_accuracy_{t}"] = m["accuracy"]
