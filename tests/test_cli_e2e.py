@@ -1,8 +1,14 @@
-"""The real ``tlbench`` command, end to end, on the default experiment (shrunk to 2 epochs)."""
+"""The real ``tlbench`` command, end to end, on the default experiment (shrunk to 2 epochs).
+
+In-process (``cli.main``), as the console script calls it; only the SIGTERM test needs a real
+process (``python -m tlbench``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -12,29 +18,34 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from tlbench.cli import main
 
 EPOCHS = 2
 
 
-def _tlbench(*args, cwd, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "-m", "tlbench.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def _tlbench(*args) -> tuple[int, str, str]:
+    """``tlbench ARGS`` in-process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # Hydra's own flags and errors raised inside the Hydra task
+            code = e.code or 0
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    run_dir = tmp / "run"
-    proc = _tlbench(f"trainer.max_epochs={EPOCHS}", f"hydra.run.dir={run_dir}", cwd=tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, proc
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    code, out, err = _tlbench(f"trainer.max_epochs={EPOCHS}", f"hydra.run.dir={run_dir}")
+    assert code == 0, err[-3000:]
+    return run_dir, out
 
 
 def test_prints_run_dir_and_tensorboard_command(default_run):
-    run_dir, proc = default_run
-    assert f"run directory: {run_dir}" in proc.stdout
-    assert f"tensorboard --logdir {run_dir / 'tb'}" in proc.stdout
+    run_dir, out = default_run
+    assert f"run directory: {run_dir}" in out
+    assert f"tensorboard --logdir {run_dir / 'tb'}" in out
 
 
 def test_run_directory_contract(default_run):
@@ -103,21 +114,29 @@ def test_check_run_tool_agrees(default_run):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_list_and_help(tmp_path):
-    out = _tlbench("list", "models", cwd=tmp_path)
-    assert out.returncode == 0 and "cnn" in out.stdout and "mlp" in out.stdout
-    out = _tlbench("--help", cwd=tmp_path)
-    # the header's subcommands and Hydra's generated groups (every option of dataset and model)
-    assert out.returncode == 0 and "tlbench eval RUN_DIR" in out.stdout
-    assert "dataset: chest_xray, cifar10, emnist" in out.stdout and "model: cait_s24, cnn" in out.stdout
-    out = _tlbench("--cfg", "job", "model=mlp", cwd=tmp_path)
-    assert out.returncode == 0 and "name: mlp" in out.stdout
+def test_list_prints_the_options_of_a_group():
+    code, out, _ = _tlbench("list", "models")
+    assert code == 0 and "cnn" in out and "mlp" in out
 
 
-def test_bad_override_exits_2_without_traceback(tmp_path):
-    out = _tlbench("model=resnet9000", cwd=tmp_path)
-    assert out.returncode == 2
-    assert "resnet9000" in out.stderr and "cnn" in out.stderr and "Traceback" not in out.stderr
+def test_help_lists_subcommands_and_every_option_of_the_groups():
+    code, out, _ = _tlbench("--help")
+    assert code == 0 and "tlbench eval RUN_DIR" in out
+    assert "dataset: chest_xray, cifar10, emnist" in out and "model: cait_s24, cnn" in out
+    assert "trainer: default, smoke" in out and "experiment: chest_xray_fe_vs_ft" in out
+
+
+def test_cfg_job_shows_every_typed_key():
+    code, out, _ = _tlbench("--cfg", "job", "model=mlp")
+    assert code == 0 and "name: mlp" in out
+    assert "truncate: null" in out  # not in conf/model/mlp.yaml: the schema brings every key
+
+
+def test_bad_override_exits_2_without_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _tlbench("model=resnet9000")
+    assert code == 2
+    assert "resnet9000" in err and "cnn" in err and "Traceback" not in err
     assert not (tmp_path / "outputs").exists()
 
 
@@ -130,7 +149,7 @@ def test_sigterm_saves_last_checkpoint(tmp_path):
 
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    args = [sys.executable, "-m", "tlbench.cli", "trainer.max_epochs=400", "model.image_size=16",
+    args = [sys.executable, "-m", "tlbench", "trainer.max_epochs=400", "model.image_size=16",
             "trainer.progress=false", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run_dir / "train.log"
@@ -151,16 +170,12 @@ def test_sigterm_saves_last_checkpoint(tmp_path):
                                          ("list", ("WHAT", "example: tlbench list")),
                                          ("download", ("model=NAME", "example: tlbench download"))])
 def test_subcommand_help(sub, words, capsys):
-    from tlbench.cli import main
-
     assert main([sub, "--help"]) == 0
     out = capsys.readouterr().out
     assert all(w in out for w in words)
 
 
 def test_list_accepts_singular_and_plural_with_whole_descriptions(capsys):
-    from tlbench.cli import main
-
     assert main(["list", "dataset"]) == 0
     singular = capsys.readouterr().out
     assert main(["list", "datasets"]) == 0

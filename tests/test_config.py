@@ -64,11 +64,17 @@ def test_config_is_frozen_and_typed():
         cfg.optim.lr = 1.0
 
 
-def test_every_typed_setting_is_overridable_even_if_the_preset_omits_it(tmp_path):
+def test_every_typed_setting_is_overridable_even_if_the_preset_omits_it():
+    from conftest import REPO
     from tlbench.cli import compose
 
-    cfg = compose(["model=cnn", "model.truncate=stages.0", "freeze.gradual=2", "sched.min_lr=0.001"])
-    assert cfg.model.truncate == "stages.0" and cfg.freeze.gradual == 2 and cfg.sched.min_lr == 0.001
+    # cifar_course_mlp selects model=mlp, freeze=full, sched=step; none of these files has the keys
+    files = ("experiment/cifar_course_mlp.yaml", "model/mlp.yaml", "freeze/full.yaml", "sched/step.yaml")
+    lines = [ln.split("#")[0].strip() for f in files for ln in (REPO / "conf" / f).read_text().splitlines()]
+    assert not [ln for ln in lines if ln.startswith(("truncate:", "train:", "min_lr:"))]
+    cfg = compose(["+experiment=cifar_course_mlp", "model.truncate=layers.0", "freeze.train=[layers.1]",
+                   "sched.min_lr=0.001"])
+    assert (cfg.model.truncate, cfg.freeze.train, cfg.sched.min_lr) == ("layers.0", ("layers.1",), 0.001)
 
 
 def test_command_line_value_overrides_a_preset_sweep_axis():
