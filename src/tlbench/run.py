@@ -31,7 +31,7 @@ from .freeze import gradual_unfreeze, set_bn_eval
 from .optim import build_optimizer, build_scheduler
 from .record import (EarlyLog, RunLock, check_writable, close_log, config_diff, is_fresh, open_log, preflight,
                      write_hydra_record, write_status)
-from .tracking import Tracker, write_json
+from .tracking import Tracker, write_epochs_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def _hooks(cfg: Config, run_dir: Path, tracker: Tracker, stop_after, tasks) -> F
                     scalars[f"loss/{split}/{t}"] = rec[split]["task_loss"][t]
         scalars.update({f"lr/{g}": lr for g, lr in rec["lr"].items()})
         tracker.scalars(scalars, rec["epoch"])
+        write_epochs_csv(run_dir / "metrics.csv", state.history)
         accs = " ".join(f"{t}={a:.4f}" for t, a in rec["val"]["accuracy"].items())
         log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f val_acc[%s] (%.1fs+%.1fs)%s",
                  rec["epoch"], cfg.trainer.max_epochs, rec["train"]["loss"], rec["val"]["loss"], accs,

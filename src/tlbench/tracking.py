@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -142,3 +143,31 @@ def save_misclassified(run_dir: Path, task: str, c: dict, names, dataset, tracke
     if tracker:
         tracker.figure(f"misclassified/{task}", fig)
     return path
+
+
+def write_epochs_csv(path: Path, history: list[dict]) -> None:
+    """``metrics.csv``: one row per epoch (train/val loss and accuracy per task, learning rates,
+    seconds), rewritten whole and atomically from the run's history (a resumed run's file is
+    complete too)."""
+    if not history:
+        return
+    tasks = list(history[0]["val"]["accuracy"])
+    groups = list(history[0]["lr"])
+    header = ["epoch", "train_loss", "val_loss"]
+    header += [f"{s}_accuracy_{t}" for s in ("train", "val") for t in tasks]
+    if len(tasks) > 1:
+        header += [f"{s}_loss_{t}" for s in ("train", "val") for t in tasks]
+    header += [f"lr_{g}" for g in groups] + ["train_seconds", "val_seconds"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for h in history:
+        row = [h["epoch"], h["train"]["loss"], h["val"]["loss"]]
+        row += [h[s]["accuracy"][t] for s in ("train", "val") for t in tasks]
+        if len(tasks) > 1:
+            row += [h[s]["task_loss"][t] for s in ("train", "val") for t in tasks]
+        row += [h["lr"].get(g) for g in groups] + [h["train_seconds"], h["val_seconds"]]
+        w.writerow([f"{v:.8g}" if isinstance(v, float) else v for v in row])
+    tmp = path.with_suffix(".csv.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)

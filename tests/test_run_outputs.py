@@ -1,4 +1,4 @@
-"""A sweep's jobs never show their test metrics where the search could be steered by them
+"""What a run writes for people: a sweep's jobs never show their test metrics where the search could be steered by them
 (issue #16): TensorBoard gets validation only; the test numbers stay in results.json and the
 predictions files for the final table."""
 
@@ -32,3 +32,18 @@ def test_sweep_jobs_keep_test_out_of_tensorboard(tmp_path, sweeping):
     assert any("val" in t for t in tags)
     test_tags = {t for t in tags if "test" in t}
     assert bool(test_tags) is not sweeping, test_tags
+
+
+def test_every_run_writes_a_csv_of_its_epochs(tmp_path):
+    import csv
+
+    from tlbench.run import train
+
+    cfg = compose_cfg("trainer.max_epochs=3", "trainer.batch_size=256", "trainer.progress=false")
+    res = train(cfg, tmp_path / "r")
+    rows = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for r, e in zip(rows, res["epochs"]):
+        assert float(r["train_loss"]) == pytest.approx(e["train"]["loss"], rel=1e-7)
+        assert float(r["val_accuracy_label"]) == pytest.approx(e["val"]["accuracy"]["label"], rel=1e-7)
+        assert float(r["lr_backbone"]) == e["lr"]["backbone"]
