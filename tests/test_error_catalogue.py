@@ -60,6 +60,9 @@ CASES = [
     C("type-bool", "trainer.deterministic=maybe", expect=("trainer.deterministic", "maybe", "bool")),
     C("type-list-entry", "head.hidden=[a]", expect=("head.hidden[0]", "'a'")),
     C("type-pair-length", "optim.betas=[0.9]", expect=("optim.betas", "2 values")),
+    C("type-not-a-list", "freeze.train=layer4*", expect=("freeze.train='layer4*'", "must be a list", "[layer4*]")),
+    C("type-null", "seed=null", expect=("seed=null", "expected int")),
+    C("type-in-a-preset-run", "+experiment=digits_mlp", "model.hidden=[a]", expect=("model.hidden[0]='a'", "int")),
     # ------------------------------------------------------------------ choices and ranges
     C("lr-negative", "optim.lr=-0.1", expect=("optim.lr=-0.1", "> 0")),
     C("max-epochs-zero", "trainer.max_epochs=0", expect=("trainer.max_epochs=0", ">= 1")),
