@@ -22,6 +22,15 @@ def _quiet_env(monkeypatch, tmp_path_factory):
     # the feature store of each test is its own (never ~/.cache; no reuse between tests)
     monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path_factory.mktemp("tlbench_cache")))
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    # no test touches the network: the reachability check's connector refuses (a test that
+    # needs a reachable host patches tlbench.net._connect itself), and nothing is remembered
+    from tlbench import net
+
+    def no_network(host, port, timeout):
+        raise OSError(f"tests never connect (to {host}:{port})")
+
+    monkeypatch.setattr(net, "_connect", no_network)
+    net.forget()
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -96,6 +96,7 @@ def test_cifar10_download_goes_through_torchvision(tmp_path, monkeypatch):
         fx.write_cifar10(Path(download_root))
 
     monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", fake_download)
+    monkeypatch.setattr("tlbench.net._connect", lambda host, port, timeout: None)  # the host answers
     src = cifar10.load(cfg("cifar10", tmp_path / "new", download=True))
     assert calls == [cifar10.CIFAR10.url] and len(src) == 26
     cifar10.load(cfg("cifar10", tmp_path / "new", download=True))  # files present: no second fetch
@@ -107,6 +108,7 @@ def test_cifar10_download_failure_is_explained(tmp_path, monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    monkeypatch.setattr("tlbench.net._connect", lambda host, port, timeout: None)  # the host answers
     with pytest.raises(TlbenchError, match="could not fetch CIFAR-10.*network is unreachable"):
         cifar10.load(cfg("cifar10", tmp_path, download=True))
 
@@ -188,6 +190,7 @@ def test_emnist_download_goes_through_torchvision(tmp_path, monkeypatch):
             f.rename(gzdir / f.name)
 
     monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", fake_download)
+    monkeypatch.setattr("tlbench.net._connect", lambda host, port, timeout: None)  # the host answers
     src = emnist.load(cfg("emnist", tmp_path / "new", download=True))
     assert len(src) == 17 and (src.images[:, 0, :] == 200).all()
 

@@ -141,3 +141,22 @@ def test_the_check_goes_to_the_proxy(online, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "huggingface.co")
     assert net._target("https://huggingface.co/timm/x") == ("huggingface.co", 443)
     assert net._target("http://example.org:8080/a") == ("example.org", 8080)
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "emnist"])
+def test_dataset_download_with_the_network_down_fails_at_once(online, monkeypatch, tmp_path, kind):
+    from tlbench.config import DatasetConfig
+    from tlbench.data import cifar10, emnist
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive",
+                        lambda *a, **k: online["torchvision"].append(a))
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive",
+                        lambda *a, **k: online["torchvision"].append(a))
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive",
+                        lambda *a, **k: online["torchvision"].append(a))
+    module = {"cifar10": cifar10, "emnist": emnist}[kind]
+    cfg = DatasetConfig(name=kind, root=str(tmp_path / kind), download=True)
+    for _ in range(2):
+        with pytest.raises(TlbenchError, match=rf"could not fetch .*network is unreachable.*by hand"):
+            module.load(cfg)
+    assert len(online["connect"]) == 1 and online["torchvision"] == []

@@ -176,6 +176,14 @@ def _download(root: Path) -> None:
         return
     from torchvision.datasets import cifar as tv_cifar  # looked up at call time (tests patch it)
 
+    from .. import net
+
+    why = net.unreachable(CIFAR10.url)  # one quick connect per process, not a hanging download
+    if why:
+        raise TlbenchError(
+            f"dataset.download=true could not fetch CIFAR-10 from {CIFAR10.url} into {root}: {why}; "
+            f"without internet access, unpack cifar-10-python.tar.gz there by hand. Expected layout: {LAYOUT}"
+        )
     try:
         tv_cifar.download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
                                               md5=CIFAR10.tgz_md5)

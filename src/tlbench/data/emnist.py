@@ -73,6 +73,14 @@ def _missing_error(root: Path, split: str) -> TlbenchError:
 
 def _download(root: Path, split: str) -> None:
     """torchvision's EMNIST downloader (fetches the zip of all splits into ROOT/EMNIST/raw)."""
+    from .. import net
+
+    why = net.unreachable(EMNIST.url)  # one quick connect per process, not a hanging download
+    if why:
+        raise TlbenchError(
+            f"dataset.download=true could not fetch EMNIST from {EMNIST.url} into {root}: {why}; "
+            f"without internet access, unzip gzip.zip there by hand. Expected layout: {LAYOUT}"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
         EMNIST(str(root), split=split, train=True, download=True)
