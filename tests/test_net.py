@@ -157,6 +157,6 @@ def test_dataset_download_with_the_network_down_fails_at_once(online, monkeypatc
     module = {"cifar10": cifar10, "emnist": emnist}[kind]
     cfg = DatasetConfig(name=kind, root=str(tmp_path / kind), download=True)
     for _ in range(2):
-        with pytest.raises(TlbenchError, match=rf"could not fetch .*network is unreachable.*by hand"):
+        with pytest.raises(TlbenchError, match=r"could not fetch .*network is unreachable.*by hand"):
             module.load(cfg)
     assert len(online["connect"]) == 1 and online["torchvision"] == []
