@@ -384,7 +384,7 @@ def _timm_weights(arch: str, cfg: ModelConfig):
 
 def download_weights(cfg: ModelConfig) -> str:
     """Fetch ``cfg``'s pretrained weights into the library cache (``tlbench download``); returns
-    where they are. Needs network unless they are cached already (HF_HUB_OFFLINE/TLBENCH_OFFLINE off)."""
+    where they are. Needs network unless they are cached already (and no offline switch of :mod:`tlbench.net` set)."""
     import timm
 
     arch = _resolve_arch(cfg)
