@@ -92,7 +92,9 @@ class FeatureSplit(Dataset):
 
     in_memory = True  # no loader workers needed
     def __init__(self, h, h_flip, labels: dict, indices):
-        self.h, self.h_flip, self.labels, self.indices = h, h_flip, labels, list(indices)
+        self.h = torch.from_numpy(np.asarray(h))  # the stored dtype (fp16 by default), no copy
+        self.h_flip = torch.from_numpy(np.asarray(h_flip)) if h_flip is not None else None
+        self.labels, self.indices = labels, list(indices)
 
     def __len__(self) -> int:
         return len(self.h)
@@ -102,7 +104,7 @@ class FeatureSplit(Dataset):
 
         i, flip = unpack(item)
         src = self.h_flip if (flip and self.h_flip is not None) else self.h
-        return torch.from_numpy(np.array(src[i], dtype=np.float32)), {t: y[i] for t, y in self.labels.items()}
+        return src[i].float(), {t: y[i] for t, y in self.labels.items()}
 
 
 def _store(cfg: Config) -> FeatureStore:
