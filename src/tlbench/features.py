@@ -102,6 +102,15 @@ class FeatureSplit(Dataset):
     def __getitem__(self, item):
         from .data import unpack
 
+        if isinstance(item, list):  # a whole batch (loaders.Batches)
+            reqs = [unpack(r) for r in item]
+            idx = torch.as_tensor([i for i, _ in reqs])
+            h = self.h[idx]
+            if self.h_flip is not None:
+                flip = torch.as_tensor([f for _, f in reqs])
+                if bool(flip.any()):
+                    h[flip] = self.h_flip[idx[flip]]
+            return h.float(), {t: y[idx] for t, y in self.labels.items()}
         i, flip = unpack(item)
         src = self.h_flip if (flip and self.h_flip is not None) else self.h
         return src[i].float(), {t: y[i] for t, y in self.labels.items()}

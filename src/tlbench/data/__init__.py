@@ -97,6 +97,9 @@ class TensorSplit(Dataset):
         return len(self.x)
 
     def __getitem__(self, item):
+        if isinstance(item, list):  # a whole batch (loaders.Batches): one slice per tensor
+            idx = torch.as_tensor([unpack(r)[0] for r in item])
+            return self.x[idx.to(self.x.device)], {t: y[idx.to(y.device)] for t, y in self.labels.items()}
         i, _ = unpack(item)
         return self.x[i], {t: y[i] for t, y in self.labels.items()}
 

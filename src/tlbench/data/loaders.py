@@ -44,6 +44,26 @@ class EpochSampler(Sampler):
         return self.n
 
 
+class Batches(Sampler):
+    """Whole batches of item requests for in-memory splits: the dataset gets one list per batch
+    and slices its tensors (no per-item ``__getitem__``, no collate). Training: the
+    :class:`EpochSampler` order and flips cut into batches; evaluation: in order."""
+
+    def __init__(self, n: int, batch_size: int, epochs: "EpochSampler | None" = None):
+        self.n, self.batch_size, self.epochs = n, batch_size, epochs
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.epochs is not None:
+            self.epochs.set_epoch(epoch)
+
+    def __iter__(self):
+        items = list(self.epochs) if self.epochs is not None else list(range(self.n))
+        return iter([items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)])
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
 def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -65,6 +85,9 @@ def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[
             0 if getattr(ds, "in_memory", False) or not cuda else min(8, os.cpu_count() or 1))
         pin = d.pin_memory if d.pin_memory is not None else (cuda and not on_device)
         sampler = EpochSampler(len(ds), cfg.seed) if name == "train" else None
+        if getattr(ds, "in_memory", False) and workers == 0:
+            loaders[name] = DataLoader(ds, batch_size=None, sampler=Batches(len(ds), cfg.batch_size, sampler))
+            continue
         loaders[name] = DataLoader(
             ds, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
             pin_memory=pin, persistent_workers=workers > 0, worker_init_fn=_seed_worker,
