@@ -19,7 +19,7 @@ import fixtures_data as fx
 from tlbench.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-DROP = ("weights", "tasks", "classes_from")  # plan-only keys
+DROP = ("weights", "tasks", "classes_from", "prefix_cache")  # plan-only keys
 
 
 def _fail(what: str):

@@ -101,3 +101,28 @@ def test_a_middle_block_splits_there_and_frozen_blocks_after_it_run_in_the_suffi
                       "trainer.progress=false")
     res = _train(cfg, tmp_path / "r")
     assert res["feature_cache"]["applied"] and res["feature_cache"]["split_block"] == "stages.1"
+
+
+def test_plan_reports_the_cache_decision_flops_and_store_size(capsys):
+    from tlbench.cli import main
+
+    assert main(["plan", "model=deit_tiny", "model.pretrained=false", "freeze=last_block", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["prefix_cache"]
+    assert c["applied"] and c["split_block"] == "blocks.11"
+    fl = c["flops_per_image"]
+    assert fl["prefix"] > 10 * fl["suffix"] > 0  # 11 frozen blocks vs 1 trainable (+ norm)
+    assert c["expected_speedup_per_epoch"] == pytest.approx((fl["prefix"] + 3 * fl["suffix"]) / (3 * fl["suffix"]))
+    assert c["store_bytes_per_image"] == 197 * 192 * 2  # the token sequence, float16
+    assert main(["plan", "model=deit_tiny", "model.pretrained=false", "freeze=full"]) == 0
+    assert "prefix cache:  not applied: " in capsys.readouterr().out
+
+
+def test_plan_and_run_decide_the_same(tmp_path, capsys):
+    from tlbench.cli import main
+
+    args = [*TINY[:2], "freeze=pattern", "freeze.train=[stages.1*]"]
+    assert main(["plan", *args, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["prefix_cache"]
+    res = _train(compose_cfg(*args, "trainer.max_epochs=1", "trainer.progress=false"), tmp_path / "r")
+    assert {k: res["feature_cache"][k] for k in ("applied", "reason", "split_block")} == \
+        {k: planned[k] for k in ("applied", "reason", "split_block")}

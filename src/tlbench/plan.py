@@ -150,7 +150,60 @@ def plan_report(model, plan: FreezePlan, as_json: bool = False, tasks: Optional[
     return "\n".join(lines)
 
 
+def cache_data(cfg, model, plan: FreezePlan) -> dict:
+    """Whether the frozen-prefix cache applies to this run and why (not); where it applies, the
+    forward FLOPs per image of the frozen prefix and the trainable suffix, the expected per-epoch
+    speed-up (FLOPs only) and the store space per image (``features.decide`` decides as a run does)."""
+    import torch
+
+    from .features import decide
+    from .models.split import flops, split_backbone
+
+    d = decide(cfg, model, plan)
+    out = {"applied": d.applied, "reason": d.reason, "split_block": d.split_block}
+    if not d.applied or d.split_block is None:
+        return out
+    try:
+        bb, spec = model.backbone, model.backbone.input_spec
+        size = cfg.model.image_size or spec.size
+        if not size:
+            return out
+        f = flops(bb, d.split_block, size)
+        prefix, _ = split_backbone(bb, d.split_block)
+        dev = next((p.device for p in bb.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            h = prefix(torch.zeros(1, spec.channels, size, size, device=dev))
+        per_image = h.numel() * (2 if getattr(cfg.trainer, "feature_dtype", "float16") == "float16" else 4)
+        copies = 2 if cfg.dataset.augment == "flip" else 1
+        out.update({"flops_per_image": {"prefix": f.prefix, "suffix": f.suffix},
+                    "expected_speedup_per_epoch": f.expected_speedup(1, 0),
+                    "store_bytes_per_image": per_image * copies})
+    except Exception as e:  # noqa: BLE001 - the plan still prints; say why the numbers are missing
+        out["numbers_unavailable"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _cache_lines(c: dict) -> list[str]:
+    if not c["applied"]:
+        return [f"prefix cache:  not applied: {c['reason']}"]
+    where = f"the prefix up to block {c['split_block']}" if c["split_block"] else "the whole backbone"
+    lines = [f"prefix cache:  applied: {where} runs once ({c['reason']})"]
+    fl = c.get("flops_per_image")
+    if fl:
+        lines.append(f"               forward GFLOPs per image: frozen prefix {fl['prefix'] / 1e9:.3g}, "
+                     f"trainable suffix {fl['suffix'] / 1e9:.3g}; expected training epoch speed-up "
+                     f"~{c['expected_speedup_per_epoch']:.1f}x (FLOPs only)")
+        lines.append(f"               feature store: {c['store_bytes_per_image'] / 1024:.1f} KiB per image")
+    return lines
+
+
 def plan_text(cfg, as_json: bool) -> str:
-    """``tlbench plan``: the model and freeze plan from :func:`build_plan` (no weights, no images)."""
+    """``tlbench plan``: the model and freeze plan from :func:`build_plan` (no weights, no images),
+    and what the frozen-prefix cache would do."""
     model, plan, tasks, meta = build_plan(cfg)
-    return plan_report(model, plan, as_json, tasks, meta.origin)
+    cache = cache_data(cfg, model, plan)
+    if as_json:
+        d = json.loads(plan_report(model, plan, True, tasks, meta.origin))
+        d["prefix_cache"] = cache
+        return json.dumps(d, indent=2)
+    return plan_report(model, plan, False, tasks, meta.origin) + "\n" + "\n".join(_cache_lines(cache))
