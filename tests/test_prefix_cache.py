@@ -32,13 +32,10 @@ def _numbers(res):
 
 
 @pytest.mark.parametrize("augment", ["none", "flip"])
-def test_cached_run_equals_the_uncached_run(tmp_path, monkeypatch, augment):
-    import tlbench.features as features
-
-    monkeypatch.setitem(features.DTYPES, "float16", np.float32)  # exactness: store fp32 here
-    cfg = compose_cfg(*TINY, f"dataset.augment={augment}")
+def test_cached_run_equals_the_uncached_run(tmp_path, augment):
+    cfg = compose_cfg(*TINY, f"dataset.augment={augment}", "trainer.feature_dtype=float32")  # exactness
     cached = _train(cfg, tmp_path / "cached")
-    plain = _train(_with(cfg, cache_features=False), tmp_path / "plain")
+    plain = _train(_with(cfg, cache_features="false"), tmp_path / "plain")
     fc = cached["feature_cache"]
     assert fc["applied"] and fc["split_block"] == "stages.2" and not fc["reused"]
     assert plain["feature_cache"]["applied"] is False
@@ -126,3 +123,26 @@ def test_plan_and_run_decide_the_same(tmp_path, capsys):
     res = _train(compose_cfg(*args, "trainer.max_epochs=1", "trainer.progress=false"), tmp_path / "r")
     assert {k: res["feature_cache"][k] for k in ("applied", "reason", "split_block")} == \
         {k: planned[k] for k in ("applied", "reason", "split_block")}
+
+
+def test_cache_modes_and_store_location(tmp_path, monkeypatch, capsys):
+    from tlbench.cli import main
+    from tlbench.errors import TlbenchError
+
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    # true where it cannot apply: refused before the run starts, naming why
+    with pytest.raises(TlbenchError, match="cache_features=true.*nothing before"):
+        _train(compose_cfg(*TINY[:2], "freeze=full", "trainer.cache_features=true"), tmp_path / "full")
+    assert not (tmp_path / "full" / "checkpoints").exists()
+    # feature_store=null: computed for this run only, nothing on disk; a path: there
+    res = _train(compose_cfg(*TINY, "trainer.max_epochs=1", "trainer.feature_store=null"), tmp_path / "a")
+    assert res["feature_cache"]["applied"] and res["feature_cache"]["store"] is None
+    assert not (tmp_path / "cache").exists()
+    res = _train(compose_cfg(*TINY, "trainer.max_epochs=1", f"trainer.feature_store={tmp_path / 'mine'}"),
+                 tmp_path / "b")
+    assert res["feature_cache"]["store"] == str(tmp_path / "mine") and len(list((tmp_path / "mine").iterdir())) == 3
+    # the default: $TLBENCH_CACHE/features; the location is not part of the config hash
+    res2 = _train(compose_cfg(*TINY, "trainer.max_epochs=1"), tmp_path / "c")
+    assert res2["feature_cache"]["store"] == str(tmp_path / "cache" / "features")
+    assert res2["config_hash"] == res["config_hash"]
+    assert main(["plan", *TINY[:2], "freeze=full", "trainer.cache_features=true"]) == 2

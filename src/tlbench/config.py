@@ -120,7 +120,9 @@ class TrainerConfig:
     limit_eval_batches: Optional[int] = None
     progress: bool = True
     resume: Optional[str] = None  # RUN_DIR or "auto"
-    cache_features: bool = True  # frozen backbone + no augmentation: compute its features once
+    cache_features: str = "auto"  # frozen prefix run once: auto (where it applies) | true (error where not) | false
+    feature_store: Optional[str] = "auto"  # auto = $TLBENCH_CACHE/features or ~/.cache/tlbench/features; PATH; null = no disk
+    feature_dtype: str = "float16"  # dtype of the stored prefix outputs: float16 | float32
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
     deterministic: bool = True
     divergence_factor: Optional[float] = 1000.0  # stop (status diverged) when an epoch's train loss
@@ -299,6 +301,8 @@ def validate(cfg: Config) -> Config:
     _check_range("sched.step_size", s.step_size, 1)
     _check_range("sched.warmup_epochs", s.warmup_epochs, 0)
     _check_choice("trainer.precision", t.precision, PRECISIONS)
+    _check_choice("trainer.cache_features", str(t.cache_features).lower(), ("auto", "true", "false"))
+    _check_choice("trainer.feature_dtype", t.feature_dtype, ("float16", "float32"))
     _check_choice("trainer.monitor", t.monitor, MONITORS)
     _check_range("trainer.max_epochs", t.max_epochs, 1)
     _check_range("trainer.batch_size", t.batch_size, 1)
@@ -400,7 +404,9 @@ def check_tasks(cfg: Config, tasks: dict[str, list[str]]) -> None:
 
 def to_config(data: dict) -> Config:
     """Build the frozen :class:`Config` from a plain (resolved) dict and validate it."""
-    return validate(from_dict(Config, {k: v for k, v in data.items() if k != "hydra"}))
+    cfg = validate(from_dict(Config, {k: v for k, v in data.items() if k != "hydra"}))
+    mode = str(cfg.trainer.cache_features).lower()  # true/True/yes-as-bool all mean "true"
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, cache_features=mode))
 
 
 schema()  # from import on: a launcher's worker process unpickles configs that refer to them
@@ -416,6 +422,7 @@ def config_hash(cfg: Config) -> str:
     d = to_dict(cfg)
     d["trainer"].pop("resume", None)
     d["trainer"].pop("progress", None)
+    d["trainer"].pop("feature_store", None)  # where stored outputs live changes no number
     d.pop("sweep", None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

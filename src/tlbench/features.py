@@ -50,10 +50,21 @@ def backbone_frozen(model) -> bool:
 
 def decide(cfg: Config, model, plan) -> CacheDecision:
     """Whether the frozen part of the backbone can be computed once, and why (not)."""
+    mode = str(cfg.trainer.cache_features).lower()
+    if mode == "false":
+        return CacheDecision(False, "trainer.cache_features=false")
+    d = _decide(cfg, model, plan)
+    if mode == "true" and not d.applied:
+        from .errors import TlbenchError
+
+        raise TlbenchError(f"trainer.cache_features=true but the frozen-prefix cache cannot apply: {d.reason}; "
+                           f"use trainer.cache_features=auto (the default) to train without it")
+    return d
+
+
+def _decide(cfg: Config, model, plan) -> CacheDecision:
     from .models.split import split_point
 
-    if not cfg.trainer.cache_features:
-        return CacheDecision(False, "trainer.cache_features=false")
     if cfg.freeze.gradual:
         return CacheDecision(False, "freeze.gradual moves the trainable part every few epochs")
     if cfg.dataset.augment not in CACHEABLE_AUGMENT:
@@ -69,10 +80,6 @@ def decide(cfg: Config, model, plan) -> CacheDecision:
     if block is None:
         return CacheDecision(False, why)
     return CacheDecision(True, why, block)
-
-
-def can_cache_features(cfg: Config, model, plan=None) -> bool:
-    return decide(cfg, model, plan).applied if plan is not None or backbone_frozen(model) else False
 
 
 class SuffixNet(nn.Module):
@@ -117,10 +124,10 @@ class FeatureSplit(Dataset):
 
 
 def _store(cfg: Config) -> FeatureStore:
-    root = getattr(cfg.trainer, "feature_store", "default")
-    if root in (None, "null", "none"):
+    root = cfg.trainer.feature_store
+    if root is None or str(root).lower() in ("null", "none"):
         return FeatureStore(None)
-    return FeatureStore(default_root() if root in ("default", "", None) else root)
+    return FeatureStore(default_root() if str(root).lower() == "auto" else root)
 
 
 def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: CacheDecision):
@@ -137,7 +144,7 @@ def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: Cach
         prefix_mod, suffix = split_backbone(model.backbone, decision.split_block)
         prefix = prefix_mod
         weights = list(prefix_mod.state_dict().values())
-    dtype = getattr(cfg.trainer, "feature_dtype", "float16")
+    dtype = cfg.trainer.feature_dtype
     base = {"weights": tensor_digest(weights), "split": decision.split_block, "model": cfg.model.name,
             "arch": cfg.model.arch, "transform": repr(bundle.eval_transform), "input": repr(model.backbone.input_spec),
             "fingerprint": bundle.fingerprint, "dtype": dtype}

@@ -173,7 +173,7 @@ def cache_data(cfg, model, plan: FreezePlan) -> dict:
         dev = next((p.device for p in bb.parameters()), torch.device("cpu"))
         with torch.no_grad():
             h = prefix(torch.zeros(1, spec.channels, size, size, device=dev))
-        per_image = h.numel() * (2 if getattr(cfg.trainer, "feature_dtype", "float16") == "float16" else 4)
+        per_image = h.numel() * (2 if cfg.trainer.feature_dtype == "float16" else 4)
         copies = 2 if cfg.dataset.augment == "flip" else 1
         out.update({"flops_per_image": {"prefix": f.prefix, "suffix": f.suffix},
                     "expected_speedup_per_epoch": f.expected_speedup(1, 0),

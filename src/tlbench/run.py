@@ -174,6 +174,7 @@ class _Ctx:
     opts: Optional[LoopOptions] = None
     feature_cache: Optional[dict] = None  # results.json's record of the frozen-prefix cache
     sweeping: bool = False  # a sweep's job: no test metric reaches TensorBoard
+    decision: object = None  # features.CacheDecision
 
 
 def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
@@ -190,7 +191,9 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
     model.to(device)
     state = _new_state(cfg, model, plan, device)
     resuming = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").is_file()
-    return _Ctx(bundle, state, device, resuming, stop_after, t0)
+    ctx = _Ctx(bundle, state, device, resuming, stop_after, t0)
+    ctx.decision = decide(cfg, model, plan)  # trainer.cache_features=true that cannot apply: refused here
+    return ctx
 
 
 def _run(cfg: Config, run_dir: Path, ctx: _Ctx, record: Optional[dict[str, str]]) -> dict:
@@ -236,7 +239,7 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
     ctx.opts = LoopOptions(device=ctx.device, dtype=amp_dtype(ctx.device, cfg.trainer.precision),
                            grad_clip=cfg.trainer.grad_clip, progress=progress_enabled(cfg),
                            class_weights=_class_weights(bundle, ctx.device))
-    decision = decide(cfg, state.model, state.plan)
+    decision = ctx.decision
     if decision.applied:
         cached, state.net, ctx.feature_cache = cache_features(cfg, bundle, state.model, ctx.opts, decision)
         ctx.loaders = make_loaders(cached, cfg, ctx.device)
