@@ -310,7 +310,7 @@ def test_real_smoke_run(cli, name, folder, overrides, tasks, truth):
             assert r["target_name"] == expected, r
 
 
-def test_eval_on_another_root_with_the_same_classes(cli, tmp_path):
+def test_eval_on_another_root_with_the_same_classes(cli, tmp_path, capsys):
     """`tlbench eval RUN_DIR dataset.root=OTHER split=all`: a held-out folder, every image scored."""
     import csv
     import json
@@ -334,8 +334,11 @@ def test_eval_on_another_root_with_the_same_classes(cli, tmp_path):
     assert json.loads((run / "results.json").read_text())["test"]["label"]["n"] == 4  # the run's own test untouched
     # split=val re-scores the best checkpoint on the run's own validation split: the metrics are
     # stored under "val" and equal what the run reported for validation
+    capsys.readouterr()
     assert main(["eval", str(run), "split=val"]) == 0
     res = json.loads((run / "eval_val" / "results.json").read_text())
+    printed = capsys.readouterr().out  # tlbench eval prints the metrics it wrote
+    assert "val metrics of" in printed and f"accuracy {res['val']['label']['accuracy']:.4f}" in printed
     assert "test" not in res and res["split"] == "val"
     own = json.loads((run / "results.json").read_text())["val"]["label"]
     assert res["val"]["label"]["accuracy"] == own["accuracy"]
