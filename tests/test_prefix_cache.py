@@ -146,3 +146,27 @@ def test_cache_modes_and_store_location(tmp_path, monkeypatch, capsys):
     assert res2["feature_cache"]["store"] == str(tmp_path / "cache" / "features")
     assert res2["config_hash"] == res["config_hash"]
     assert main(["plan", *TINY[:2], "freeze=full", "trainer.cache_features=true"]) == 2
+
+
+def test_outputs_larger_than_the_memory_budget_are_memory_mapped(tmp_path, monkeypatch):
+    """Above the budget the stored outputs are written batch by batch into a memory map and read
+    from it, and the run is the same as in memory."""
+    import tlbench.features as features
+    import tlbench.store as store
+
+    seen = []
+    real = features.FeatureSplit.__init__
+
+    def spy(self, h, h_flip, labels, indices):
+        seen.append(isinstance(h, np.memmap))
+        real(self, h, h_flip, labels, indices)
+
+    monkeypatch.setattr(features.FeatureSplit, "__init__", spy)
+    cfg = compose_cfg(*TINY, "trainer.max_epochs=1")
+    in_memory = _train(cfg, tmp_path / "mem")
+    assert seen == [False] * 3
+    monkeypatch.setattr(store, "MMAP_BYTES", 0)
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "other_cache"))
+    mapped = _train(cfg, tmp_path / "map")
+    assert seen[3:] == [True] * 3
+    assert _numbers(mapped) == _numbers(in_memory)

@@ -94,13 +94,22 @@ class SuffixNet(nn.Module):
         return self.model.heads_forward(self.suffix(h) if self.suffix is not None else h)
 
 
+def _tensor(a) -> torch.Tensor:
+    """The stored array as a tensor without a copy (a read-only memory map stays one: batches are
+    sliced from it, never written)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": nothing writes to it
+        return torch.from_numpy(np.asarray(a))
+
+
 class FeatureSplit(Dataset):
     """Stored prefix outputs of one split (and of its mirrored images), with the labels."""
 
     in_memory = True  # no loader workers needed
     def __init__(self, h, h_flip, labels: dict, indices):
-        self.h = torch.from_numpy(np.asarray(h))  # the stored dtype (fp16 by default), no copy
-        self.h_flip = torch.from_numpy(np.asarray(h_flip)) if h_flip is not None else None
+        self.h, self.h_flip = _tensor(h), (_tensor(h_flip) if h_flip is not None else None)
         self.labels, self.indices = labels, list(indices)
 
     def __len__(self) -> int:
@@ -156,8 +165,10 @@ def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: Cach
         arrays = []
         for mirror in ((False, True) if (flips and name == "train") else (False,)):
             parts = {**base, "split_name": name, "n": n, "mirror": mirror}
-            arr, hit = store.get_or_create(make_key(parts), lambda: _prefix_pass(
-                prefix, _image_split(bundle, name, mirror), n, cfg, opts, DTYPES[dtype]), parts)
+            images = _image_split(bundle, name, mirror)
+            arr, hit = store.get_or_create(
+                make_key(parts), lambda: _prefix_pass(prefix, images, n, cfg, opts, DTYPES[dtype]), parts,
+                mmap="auto", fill=lambda path: _prefix_pass(prefix, images, n, cfg, opts, DTYPES[dtype], path))
             arrays.append(arr)
             reused.append(hit)
         labels = {t: ds.labels[t][:n] for t in bundle.tasks}
@@ -189,12 +200,28 @@ def _image_split(bundle, name: str, mirror: bool):
     return SplitDataset(bundle.source, ds.indices, list(bundle.tasks), bundle.eval_transform, mirror=mirror)
 
 
-def _prefix_pass(prefix, ds, n: int, cfg: Config, opts: LoopOptions, dtype) -> np.ndarray:
-    out = []
+def _prefix_pass(prefix, ds, n: int, cfg: Config, opts: LoopOptions, dtype, path=None) -> Optional[np.ndarray]:
+    """The prefix over the first ``n`` items of ``ds``: returned as one array, or, with ``path``,
+    written batch by batch into a memory-mapped ``.npy`` there (never all in memory)."""
+    out, mm, i = [], None, 0
     sub = torch.utils.data.Subset(ds, range(n))
     with torch.inference_mode():
         for x, _ in DataLoader(sub, batch_size=max(cfg.batch_size, 64), shuffle=False):
             with autocast(opts):
                 h = prefix(x.to(opts.device))
-            out.append(h.float().cpu().numpy().astype(dtype))
+            h = h.float().cpu().numpy().astype(dtype)
+            if path is None:
+                out.append(h)
+                continue
+            if mm is None:
+                mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *h.shape[1:]))
+            mm[i:i + len(h)] = h
+            i += len(h)
+    if path is not None:
+        if mm is None:
+            np.save(path, np.zeros((0,), dtype=dtype))
+        else:
+            mm.flush()
+            del mm
+        return None
     return np.concatenate(out) if out else np.zeros((0,), dtype=dtype)

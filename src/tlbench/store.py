@@ -32,6 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "~/.cache/tlbench/features"
+MMAP_BYTES = int(os.environ.get("TLBENCH_MMAP_BYTES", 4 << 30))  # larger entries are memory-mapped, not loaded
 
 
 def default_root() -> Path:
@@ -72,7 +73,12 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ public
     def get_or_create(self, key: str, compute: Callable[[], np.ndarray], parts: Optional[dict] = None,
-                      mmap: bool = False) -> tuple[np.ndarray, bool]:
+                      mmap: "bool | str" = False, fill: Optional[Callable[[Path], None]] = None
+                      ) -> tuple[np.ndarray, bool]:
+        """The entry ``key`` (reused) or a new one. ``compute()`` returns the array; ``fill(path)``,
+        when given, writes the ``.npy`` file itself (batch by batch into a memory map, so outputs
+        larger than memory are never held whole). ``mmap``: True, False or ``"auto"`` (memory-map
+        files larger than ``MMAP_BYTES``, load smaller ones)."""
         if self.root is None:
             return compute(), False
         self.root.mkdir(parents=True, exist_ok=True)
@@ -87,6 +93,9 @@ class FeatureStore:
                     found = self._load(key, mmap)  # another job finished it meanwhile
                     if found is not None:
                         return found, True
+                    if fill is not None:
+                        self._write_file(key, fill, parts or {})
+                        return self._load(key, mmap), False
                     arr = compute()
                     self._write(key, arr, parts or {})
                     return (self._load(key, mmap) if mmap else arr), False
@@ -138,10 +147,14 @@ class FeatureStore:
         return False
 
     def _write(self, key: str, arr: np.ndarray, parts: dict) -> None:
+        self._write_file(key, lambda path: np.save(path, np.ascontiguousarray(arr)), parts)
+
+    def _write_file(self, key: str, fill: Callable[[Path], None], parts: dict) -> None:
         tmp = self.root / f".{key}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        np.save(tmp / "features.npy", np.ascontiguousarray(arr))
+        fill(tmp / "features.npy")
+        arr = np.load(tmp / "features.npy", mmap_mode="r")
         meta = {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": (tmp / "features.npy").stat().st_size,
                 "sha256": _file_sha256(tmp / "features.npy"), "parts": parts, "created": time.time()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -161,6 +174,8 @@ class FeatureStore:
         try:
             meta = json.loads((d / "meta.json").read_text())
             f = d / "features.npy"
+            if mmap == "auto":
+                mmap = meta["bytes"] > MMAP_BYTES
             if f.stat().st_size != meta["bytes"]:
                 why = f"size {f.stat().st_size} != {meta['bytes']}"
             elif not mmap and _file_sha256(f) != meta["sha256"]:
