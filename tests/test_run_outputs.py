@@ -47,3 +47,45 @@ def test_every_run_writes_a_csv_of_its_epochs(tmp_path):
         assert float(r["train_loss"]) == pytest.approx(e["train"]["loss"], rel=1e-7)
         assert float(r["val_accuracy_label"]) == pytest.approx(e["val"]["accuracy"]["label"], rel=1e-7)
         assert float(r["lr_backbone"]) == e["lr"]["backbone"]
+
+
+def test_checkpoint_selection_on_validation_macro_f1(tmp_path):
+    """trainer.monitor=val/macro_f1: best.pt is the epoch with the highest validation macro F1
+    (recomputed here from the per-epoch records), in TensorBoard and metrics.csv too."""
+    import csv
+
+    import torch
+
+    from tlbench.run import train
+
+    cfg = compose_cfg("trainer.max_epochs=4", "trainer.batch_size=256", "trainer.progress=false",
+                      "trainer.monitor=val/macro_f1", "optim.lr=0.02")
+    res = train(cfg, tmp_path / "r")
+    f1 = [e["val"]["macro_f1"]["label"] for e in res["epochs"]]
+    best = max(range(len(f1)), key=lambda i: (f1[i], -i)) + 1
+    assert res["best_epoch"] == best and res["monitor"] == "val/macro_f1"
+    assert torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=True)["epoch"] == best
+    assert res["val"]["label"]["macro_f1"] == pytest.approx(f1[best - 1], rel=1e-9)
+    rows = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    assert [float(r["val_macro_f1_label"]) for r in rows] == pytest.approx(f1)
+    assert any(t.startswith("macro_f1/val") for t in _tags(tmp_path / "r"))
+
+
+def test_monitor_value_and_mode_follow_the_metric():
+    """An imbalanced validation set where accuracy and macro F1 disagree: the monitor reads the
+    metric it names, and every monitor but the loss is higher-is-better."""
+    import numpy as np
+
+    from tlbench.engine import EpochResult, improved, monitor_value
+
+    def epoch(preds):
+        y = np.array([0] * 8 + [1, 2])
+        return EpochResult(loss=1.0, task_loss={"label": 1.0}, accuracy={"label": float((np.array(preds) == y).mean())},
+                           n=10, seconds=0.0, collected={"label": {"targets": y, "preds": np.array(preds)}})
+
+    majority = epoch([0] * 10)                      # accuracy 0.8, macro F1 0.30
+    balanced = epoch([0] * 5 + [1, 2, 1, 1, 2])     # accuracy 0.7, macro F1 0.65
+    assert monitor_value("val/accuracy", majority) > monitor_value("val/accuracy", balanced)
+    assert monitor_value("val/macro_f1", balanced) > monitor_value("val/macro_f1", majority)
+    assert improved("val/macro_f1", 0.5, 0.4) and not improved("val/macro_f1", 0.3, 0.4)
+    assert improved("val/loss", 0.3, 0.4) and not improved("val/loss", 0.5, 0.4)

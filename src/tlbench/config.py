@@ -23,7 +23,7 @@ AUGMENTS = ("none", "flip", "flip_crop", "randaugment")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "plateau")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
-MONITORS = ("val/loss", "val/accuracy")
+MONITORS = ("val/loss", "val/accuracy", "val/macro_f1")  # the mode (min for loss, else max) follows the name
 
 
 @dataclass(frozen=True)

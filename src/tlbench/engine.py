@@ -243,15 +243,29 @@ class SignalGuard:
         return False
 
 
+LOWER_IS_BETTER = ("val/loss",)  # every other monitor (accuracy, macro F1) is higher-is-better
+
+
 def improved(monitor: str, value: float, best: Optional[float]) -> bool:
     if best is None:
         return True
-    return value < best if monitor.endswith("loss") else value > best
+    return value < best if monitor in LOWER_IS_BETTER else value > best
+
+
+def macro_f1(collected: dict) -> dict[str, float]:
+    """Macro F1 per task from an epoch's collected targets and predictions (scikit-learn)."""
+    from sklearn.metrics import f1_score
+
+    return {t: float(f1_score(c["targets"], c["preds"], average="macro", zero_division=0))
+            for t, c in collected.items()}
 
 
 def monitor_value(monitor: str, val: EpochResult) -> float:
+    """The monitored validation number (mean over tasks): val/loss, val/accuracy, val/macro_f1."""
     if monitor == "val/loss":
         return val.loss
+    if monitor == "val/macro_f1":
+        return float(np.mean(list(macro_f1(val.collected).values())))
     return float(np.mean(list(val.accuracy.values())))
 
 
@@ -335,7 +349,7 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
             state.step += train.steps
             state.model.eval()
             val = run_epoch(state.net or state.model, loaders["val"], tasks, opts, limit=tcfg.limit_eval_batches,
-                            desc=f"epoch {epoch + 1} val")
+                            desc=f"epoch {epoch + 1} val", collect=True)
             step_scheduler(state.scheduler, val.loss)
             value = monitor_value(tcfg.monitor, val)
             is_best = improved(tcfg.monitor, value, state.best)
@@ -380,6 +394,7 @@ def _epoch_record(epoch: int, train: EpochResult, val: EpochResult, lrs: dict) -
     return {
         "epoch": epoch,
         "train": {"loss": train.loss, "task_loss": train.task_loss, "accuracy": train.accuracy, "n": train.n},
-        "val": {"loss": val.loss, "task_loss": val.task_loss, "accuracy": val.accuracy, "n": val.n},
+        "val": {"loss": val.loss, "task_loss": val.task_loss, "accuracy": val.accuracy,
+                "macro_f1": macro_f1(val.collected), "n": val.n},
         "lr": lrs, "train_seconds": train.seconds, "val_seconds": val.seconds,
     }

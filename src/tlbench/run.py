@@ -60,6 +60,7 @@ def _hooks(cfg: Config, run_dir: Path, tracker: Tracker, stop_after, tasks) -> F
                 scalars[f"accuracy/{split}/{t}"] = acc
                 if len(rec[split]["accuracy"]) > 1:
                     scalars[f"loss/{split}/{t}"] = rec[split]["task_loss"][t]
+        scalars.update({f"macro_f1/val/{t}": f for t, f in rec["val"].get("macro_f1", {}).items()})
         scalars.update({f"lr/{g}": lr for g, lr in rec["lr"].items()})
         tracker.scalars(scalars, rec["epoch"])
         write_epochs_csv(run_dir / "metrics.csv", state.history)
