@@ -60,8 +60,8 @@ def interrupted(tmp_path):
 
     orig = run.train
 
-    def stop_after_1(cfg, run_dir, stop_after=None, record=None):
-        return orig(cfg, run_dir, stop_after=1, record=record)
+    def stop_after_1(cfg, run_dir, stop_after=None, **kw):
+        return orig(cfg, run_dir, stop_after=1, **kw)
 
     run.train = stop_after_1
     try:
