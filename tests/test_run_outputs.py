@@ -89,3 +89,19 @@ def test_monitor_value_and_mode_follow_the_metric():
     assert monitor_value("val/macro_f1", balanced) > monitor_value("val/macro_f1", majority)
     assert improved("val/macro_f1", 0.5, 0.4) and not improved("val/macro_f1", 0.3, 0.4)
     assert improved("val/loss", 0.3, 0.4) and not improved("val/loss", 0.5, 0.4)
+
+
+def test_training_loss_per_step_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tlbench.run import train
+
+    cfg = compose_cfg("trainer.max_epochs=2", "trainer.batch_size=64", "trainer.progress=false",
+                      "trainer.log_every_n_steps=5")
+    res = train(cfg, tmp_path / "r")
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss/train_step")]
+    total = sum(-(-e["train"]["n"] // 64) for e in res["epochs"])
+    assert steps == list(range(5, total + 1, 5))
+    assert all(v.value > 0 for v in acc.Scalars("loss/train_step"))

@@ -125,6 +125,7 @@ class TrainerConfig:
     feature_dtype: str = "float16"  # dtype of the stored prefix outputs: float16 | float32
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
     deterministic: bool = True
+    log_every_n_steps: Optional[int] = 50  # training loss to TensorBoard every N steps (one sync each); None = off
     divergence_factor: Optional[float] = 1000.0  # stop (status diverged) when an epoch's train loss
     # exceeds this x epoch 1's; None = off (NaN/inf always stops)
 
@@ -312,6 +313,7 @@ def validate(cfg: Config) -> Config:
     _check_range("trainer.limit_eval_batches", t.limit_eval_batches, 1)
     _check_range("trainer.num_threads", t.num_threads, 1)
     _check_range("trainer.divergence_factor", t.divergence_factor, 1.0, lo_open=True)
+    _check_range("trainer.log_every_n_steps", t.log_every_n_steps, 1)
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise TlbenchError(f"trainer.device={dev!r} is not valid; use auto, cpu, cuda, cuda:N or mps")

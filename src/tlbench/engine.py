@@ -98,6 +98,7 @@ class LoopOptions:
     progress: bool = False
     class_weights: Optional[dict[str, torch.Tensor]] = None
     stop_flag: Optional[Callable[[], Optional[int]]] = None  # returns a signal number to stop
+    on_step: Optional[Callable[[int, torch.Tensor], None]] = None  # training: (step in epoch, loss on device)
 
 
 def autocast(opts: "LoopOptions"):
@@ -167,6 +168,8 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
                 loss = sum(losses.values())
             if train:
                 _step(loss, model, optimizer, scaler, opts.grad_clip)
+                if opts.on_step is not None:
+                    opts.on_step(i + 1, loss.detach())
             logits = {t: eval_logits(out[t].detach().float()) for t in tasks}
             preds = {t: logits[t].argmax(1) for t in tasks}
             bs, steps = x.shape[0], i + 1

@@ -239,7 +239,8 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
              ctx.device)
     ctx.opts = LoopOptions(device=ctx.device, dtype=amp_dtype(ctx.device, cfg.trainer.precision),
                            grad_clip=cfg.trainer.grad_clip, progress=progress_enabled(cfg),
-                           class_weights=_class_weights(bundle, ctx.device))
+                           class_weights=_class_weights(bundle, ctx.device),
+                           on_step=_step_logger(cfg, state, ctx.tracker))
     decision = ctx.decision
     if decision.applied:
         cached, state.net, ctx.feature_cache = cache_features(cfg, bundle, state.model, ctx.opts, decision)
@@ -250,6 +251,21 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
         ctx.loaders = make_loaders(bundle, cfg, ctx.device)
     fit(state, ctx.loaders, list(bundle.tasks), ctx.opts, cfg.trainer, hooks)
     return finish(cfg, run_dir, ctx)
+
+
+def _step_logger(cfg: Config, state: TrainState, tracker: Tracker):
+    """TensorBoard ``loss/train_step`` every ``trainer.log_every_n_steps`` global steps (the only
+    per-step host sync, and only on those steps)."""
+    every = cfg.trainer.log_every_n_steps
+    if not every:
+        return None
+
+    def on_step(step_in_epoch: int, loss: torch.Tensor) -> None:
+        step = state.step + step_in_epoch
+        if step % every == 0:
+            tracker.scalars({"loss/train_step": float(loss)}, step)
+
+    return on_step
 
 
 def _class_weights(bundle, device):
