@@ -136,6 +136,13 @@ def _class_counts(source: Source, splits, tasks) -> dict:
     return out
 
 
+def _counts_line(per_class: dict, task: str) -> str:
+    """``label: 10 classes, 122-128 per class`` (every count is in results.json's class_counts)."""
+    n = list(per_class.values())
+    spread = f"{min(n)}" if min(n) == max(n) else f"{min(n)}-{max(n)}"
+    return f"{task}: {len(n)} classes, {spread} per class"
+
+
 def _native_size(source: Source) -> int:
     if isinstance(source.images, np.ndarray):
         return int(source.images.shape[1])
@@ -168,7 +175,8 @@ def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
         datasets[name] = materialize(ds) if (name != "train" or cfg.augment == "none") else ds
     counts = _class_counts(source, splits, tasks)
     for name in splits:
-        log.info("%s split: %d items %s", name, len(splits[name]), {t: counts[name][t] for t in tasks})
+        log.info("%s split: %d items; %s", name, len(splits[name]), "; ".join(_counts_line(counts[name][t], t)
+                                                                           for t in tasks))
     weights = None
     if cfg.class_weights == "balanced":
         weights = {}
