@@ -446,7 +446,7 @@ def split_point(
     and, with ``require_suffix``, the blocks with a trainable parameter are the last ones
     (``last_block``, ``first_n``, an ``index``/``pattern`` choice ending at the last block).
     The run must also feed a fixed function of the image (no random augmentation) and not
-    unfreeze gradually; the caller checks those (as :func:`tlbench.features.can_cache_features` does).
+    unfreeze gradually; the caller checks those (as :func:`tlbench.features.decide` does).
     """
     try:
         prog = program(backbone)
