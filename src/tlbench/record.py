@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from . import locks
 from .checkpoint import load as load_checkpoint
 from .config import Config, config_hash, to_dict
 from .errors import TlbenchError
@@ -107,48 +108,17 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._stale():
-                    log.warning("removing a stale lock %s (its process is gone)", self.path)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise TlbenchError(self._busy_message()) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {socket.gethostname()}\n")
-            self.held = True
-            return self
+            if locks.try_create(self.path):
+                self.held = True
+                return self
+            if not locks.stale(self.path):
+                break
+            log.warning("removing a stale lock %s (its process is gone)", self.path)
+            self.path.unlink(missing_ok=True)
         raise TlbenchError(self._busy_message())
 
-    def _owner(self) -> tuple[Optional[int], str]:
-        try:
-            pid, host = self.path.read_text().split()[:2]
-            return int(pid), host
-        except (OSError, ValueError):
-            return None, ""
-
-    def _stale(self) -> bool:
-        pid, host = self._owner()
-        if pid is None:  # unreadable: a lock being written right now, or garbage
-            try:
-                return time.time() - self.path.stat().st_mtime > 60
-            except OSError:
-                return True
-        if host != socket.gethostname():
-            return False  # can't tell from here
-        if pid == os.getpid():
-            return True  # our own leftover (e.g. an earlier in-process run that crashed)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
     def _busy_message(self) -> str:
-        pid, host = self._owner()
+        pid, host = locks.owner(self.path)
         return (f"{self.path.parent} is in use by another tlbench run (process {pid} on {host or '?'}, "
                 f"lock file {self.path}); wait for it, write elsewhere (hydra.run.dir=...), or, if "
                 f"that process is gone, delete the lock file and resume with trainer.resume={self.path.parent}")

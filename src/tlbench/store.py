@@ -21,13 +21,14 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from . import locks
 
 log = logging.getLogger(__name__)
 
@@ -115,35 +116,11 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ internals
     def _try_lock(self, lock: Path) -> bool:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if self._stale(lock):
-                log.warning("feature store: removing a stale lock %s", lock)
-                lock.unlink(missing_ok=True)
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        return True
-
-    @staticmethod
-    def _stale(lock: Path) -> bool:
-        try:
-            pid, host = lock.read_text().split()[:2]
-            pid = int(pid)
-        except (OSError, ValueError):
-            try:
-                return time.time() - lock.stat().st_mtime > 60
-            except OSError:
-                return False
-        if host != socket.gethostname():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if locks.try_create(lock):
             return True
-        except PermissionError:
-            return False
+        if locks.stale(lock):
+            log.warning("feature store: removing a stale lock %s", lock)
+            lock.unlink(missing_ok=True)
         return False
 
     def _write(self, key: str, arr: np.ndarray, parts: dict) -> None:
