@@ -39,12 +39,17 @@ LOADERS = {
 MATERIALIZE_BYTES = 1 << 30  # precompute a split's tensors when they take less than this
 
 
+def family_function(table: dict[str, str], name: str) -> Callable:
+    """The function a ``name -> "module:function"`` table (``LOADERS``, ``meta.META``) names for a
+    dataset, imported lazily (one family's dependencies never block another)."""
+    if name not in table:
+        raise TlbenchError(f"dataset={name!r} is unknown; choose one of {choices(LOADERS)}")
+    module, fn = table[name].split(":")
+    return getattr(importlib.import_module(f".{module}", __name__), fn)
+
+
 def load_source(cfg: DatasetConfig) -> Source:
-    if cfg.name not in LOADERS:
-        raise TlbenchError(f"dataset={cfg.name!r} is unknown; choose one of {choices(LOADERS)}")
-    module, fn = LOADERS[cfg.name].split(":")
-    loader: Callable[[DatasetConfig], Source] = getattr(importlib.import_module(f".{module}", __name__), fn)
-    return loader(cfg)
+    return family_function(LOADERS, cfg.name)(cfg)
 
 
 def select_tasks(source: Source, task: str | None) -> list[str]:

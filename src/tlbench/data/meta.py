@@ -10,12 +10,8 @@ never opening an image).
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable
-
 from ..config import DatasetConfig
-from ..errors import TlbenchError, choices
-from . import LOADERS, select_tasks
+from . import family_function, select_tasks
 from .base import DatasetMeta, Source
 
 # dataset name -> "module:function" (like data.LOADERS)
@@ -30,11 +26,7 @@ META = {
 
 
 def dataset_meta(cfg: DatasetConfig) -> DatasetMeta:
-    if cfg.name not in META:
-        raise TlbenchError(f"dataset={cfg.name!r} is unknown; choose one of {choices(LOADERS)}")
-    module, fn = META[cfg.name].split(":")
-    meta: Callable[[DatasetConfig], DatasetMeta] = getattr(importlib.import_module(f".{module}", __package__), fn)
-    return meta(cfg)
+    return family_function(META, cfg.name)(cfg)
 
 
 def plan_tasks(cfg: DatasetConfig) -> tuple[dict[str, list[str]], DatasetMeta]:
