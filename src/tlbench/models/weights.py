@@ -196,14 +196,21 @@ def _hf_where(cache: Path, repo: str, fname: str) -> Path:
     return cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "<revision>" / fname
 
 
-def timm_location(pretrained_cfg: dict, model_name: str) -> WeightsInfo:
-    """Where the pretrained weights a timm model declares are cached (nothing read)."""
+def _timm_source(pretrained_cfg: dict, model_name: str) -> tuple[str, Optional[str], Optional[str]]:
+    """``(architecture, Hugging Face repo or None, URL when there is no repo)`` of a timm model's
+    pretrained weights; an error when it declares neither."""
     arch = pretrained_cfg.get("architecture", model_name)
     repo = pretrained_cfg.get("hf_hub_id")
+    url = None if repo else pretrained_cfg.get("url")
+    if not repo and not url:
+        raise TlbenchError(f"timm has no pretrained weights for {arch}; set model.pretrained=false")
+    return arch, repo, url
+
+
+def timm_location(pretrained_cfg: dict, model_name: str) -> WeightsInfo:
+    """Where the pretrained weights a timm model declares are cached (nothing read)."""
+    arch, repo, url = _timm_source(pretrained_cfg, model_name)
     if not repo:
-        url = pretrained_cfg.get("url")
-        if not url:
-            raise TlbenchError(f"timm has no pretrained weights for {arch}; set model.pretrained=false")
         path = torch_cache_path(url)
         return WeightsInfo(f"timm {arch} from {path}" if path.is_file() else f"timm {arch}", str(path), path.is_file())
     files, cache = _hf_files(pretrained_cfg), hf_cache_dir()
@@ -215,12 +222,8 @@ def timm_location(pretrained_cfg: dict, model_name: str) -> WeightsInfo:
 
 def timm_state_dict(pretrained_cfg: dict, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
     """The pretrained weights a timm model declares, from the HF hub cache (or torch hub cache)."""
-    arch = pretrained_cfg.get("architecture", model_name)
-    repo = pretrained_cfg.get("hf_hub_id")
+    arch, repo, url = _timm_source(pretrained_cfg, model_name)
     if not repo:
-        url = pretrained_cfg.get("url")
-        if not url:
-            raise TlbenchError(f"timm has no pretrained weights for {arch}; set model.pretrained=false")
         return _timm_url_state_dict(url, arch, model_name)
     files = _hf_files(pretrained_cfg)
     cache = hf_cache_dir()
