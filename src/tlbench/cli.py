@@ -316,20 +316,32 @@ def _make_task(debug: bool):
     def task(dcfg) -> Optional[float]:
         from hydra.core.hydra_config import HydraConfig
 
+        from . import dist
         from .run import train
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
-        sweeping = str(hc.mode) == "RunMode.MULTIRUN"
+        sweep_env = os.environ.get("TLBENCH_SWEEP_DIR")  # a sweep job that trainer.devices=N started
+        sweeping = str(hc.mode) == "RunMode.MULTIRUN" or bool(sweep_env)
+        sweep_dir = Path(hc.sweep.dir) if str(hc.mode) == "RunMode.MULTIRUN" else (Path(sweep_env) if sweep_env else None)
         try:
             cfg = _typed(dcfg)
-            if sweeping and cfg.sweep.skip_finished:
+            if sweeping and cfg.sweep.skip_finished and not sweep_env:
                 from .record import sweep_job
 
-                cfg, results = sweep_job(cfg, run_dir, Path(hc.sweep.dir))
+                cfg, results = sweep_job(cfg, run_dir, sweep_dir)
             else:
                 results = None
-            results = results or train(cfg, run_dir, record=_record(dcfg, hc), sweeping=sweeping)
+            if results is None and cfg.trainer.devices > 1 and not dist.launched():
+                return _launch(cfg, hc, run_dir, sweep_dir, debug)
+            world = dist.init(cfg.trainer.device)
+            try:
+                if world.size > 1:
+                    dist.check_batch(cfg.batch_size)
+                    run_dir = _shared_run_dir(run_dir)
+                results = results or train(cfg, run_dir, record=_record(dcfg, hc), sweeping=sweeping)
+            finally:
+                dist.shutdown()
         except TlbenchError as e:
             if debug:
                 raise
@@ -338,11 +350,46 @@ def _make_task(debug: bool):
         except _interrupt_types() as e:
             print(f"tlbench: {e}; resume with: tlbench trainer.resume={run_dir}", file=sys.stderr)
             sys.exit(128 + e.signum)
-        _print_summary(run_dir, results, sweeping, Path(hc.sweep.dir) if sweeping else None)
-        first = next(iter(results["val"].values()))
-        return float(first["accuracy"])  # the objective for sweepers (validation, never test)
+        if not world.main:
+            return None
+        _print_summary(run_dir, results, sweeping, sweep_dir)
+        return _objective(results)
 
     return task
+
+
+def _objective(results: dict) -> float:
+    first = next(iter(results["val"].values()))
+    return float(first["accuracy"])  # the objective for sweepers (validation, never test)
+
+
+def _shared_run_dir(run_dir: Path) -> Path:
+    """DDP: every rank composed its own ``hydra.run.dir`` (timestamps may differ by a second);
+    all use rank 0's, and a rank's own empty directory is removed."""
+    from . import dist
+
+    shared = Path(dist.broadcast(str(run_dir)))
+    if shared != run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    return shared
+
+
+def _launch(cfg, hc, run_dir: Path, sweep_dir: Optional[Path], debug: bool) -> Optional[float]:
+    """``trainer.devices=N`` outside torchrun: the same run on N processes (``dist.launch``), into
+    this run directory; a sweep job keeps its sweep's rules (val only on the console)."""
+    import json
+
+    from . import dist
+
+    dist.check_batch(cfg.batch_size, cfg.trainer.devices)
+    overrides = [o for o in hc.overrides.task if not o.lstrip("+").startswith("trainer.resume=")]
+    if cfg.trainer.resume:
+        overrides.append("trainer.resume=auto")
+    overrides += [f"hydra.run.dir={run_dir}"] + (["--debug"] if debug else [])
+    code = dist.launch(cfg.trainer.devices, overrides, {"TLBENCH_SWEEP_DIR": str(sweep_dir)} if sweep_dir else None)
+    if code:
+        sys.exit(code)
+    return _objective(json.loads((run_dir / "results.json").read_text()))
 
 
 def _record(dcfg, hc) -> dict[str, str]:

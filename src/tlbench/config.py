@@ -112,6 +112,7 @@ class TrainerConfig:
     max_epochs: int = 10
     batch_size: int = 64
     device: str = "auto"
+    devices: int = 1  # processes of one DDP run (tlbench starts torchrun); batch_size is the global batch
     precision: str = "32"
     grad_clip: Optional[float] = None
     monitor: str = "val/loss"
@@ -307,6 +308,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("trainer.monitor", t.monitor, MONITORS)
     _check_range("trainer.max_epochs", t.max_epochs, 1)
     _check_range("trainer.batch_size", t.batch_size, 1)
+    _check_range("trainer.devices", t.devices, 1)
     _check_range("trainer.patience", t.patience, 1)
     _check_range("trainer.grad_clip", t.grad_clip, 0.0, lo_open=True)
     _check_range("trainer.limit_train_batches", t.limit_train_batches, 1)
@@ -425,6 +427,7 @@ def config_hash(cfg: Config) -> str:
     d["trainer"].pop("resume", None)
     d["trainer"].pop("progress", None)
     d["trainer"].pop("feature_store", None)  # where stored outputs live changes no number
+    d["trainer"].pop("devices", None)  # N processes train on the same global batches (results.json says how many)
     d.pop("sweep", None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import dist
 from .errors import TlbenchError
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,19 @@ class _Sums:
             self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
             self.bad_value = torch.where(first, loss.double(), self.bad_value)
 
-    def value(self) -> tuple[float, dict, dict, int, float]:
+    def value(self, n: int) -> tuple[float, dict, dict, int, float, int]:
+        """(loss sum, task loss sums, correct counts, first bad step or -1, its loss, items): over
+        every rank of a DDP world (sums all-reduced), else this process's."""
         tasks = list(self.task_loss)
         flat = torch.stack([self.loss, *[self.task_loss[t] for t in tasks],
-                            *[self.correct[t].double() for t in tasks], self.bad_step.double(),
-                            self.bad_value]).tolist()
+                            *[self.correct[t].double() for t in tasks],
+                            torch.tensor(float(n), dtype=torch.float64, device=self.loss.device)])
+        bad = torch.stack([self.bad_step.double()])
+        flat, bad = dist.all_sum(flat).tolist(), int(dist.all_max(bad).item())
         k = len(tasks)
+        local_bad = int(self.bad_step.item())
         return (flat[0], dict(zip(tasks, flat[1:1 + k])), dict(zip(tasks, flat[1 + k:1 + 2 * k])),
-                int(flat[-2]), flat[-1])
+                bad, self.bad_value.item() if local_bad == bad else float("nan"), int(flat[-1]))
 
 
 def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=None,
@@ -148,6 +154,7 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
     caller never saves that epoch, so ``last.pt`` keeps the last good one."""
     train = optimizer is not None
     start = time.perf_counter()
+    world = dist.world().size
     sums, n, steps = _Sums(tasks, opts.device), 0, 0
     store: dict[str, dict[str, list]] = {t: {"targets": [], "preds": [], "probs": []} for t in tasks}
     total = min(len(loader), limit) if limit else len(loader)
@@ -158,21 +165,23 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
         for i, (x, y) in enumerate(bar):
             if limit is not None and i >= limit:
                 break
-            if opts.stop_flag and (sig := opts.stop_flag()):
+            if world == 1 and opts.stop_flag and (sig := opts.stop_flag()):
                 raise Interrupted(sig)
             x = x.to(opts.device, non_blocking=True)
             y = {t: v.to(opts.device, non_blocking=True) for t, v in y.items()}
+            bs = x.shape[0]
+            scale = _agree(bs, opts) if train and world > 1 else None
             with autocast(opts):
                 out = model(x)
                 losses = {t: task_loss(out[t].float(), y[t], _w(opts, t)) for t in tasks}
                 loss = sum(losses.values())
             if train:
-                _step(loss, model, optimizer, scaler, opts.grad_clip)
+                _step(loss if scale is None else loss * scale, model, optimizer, scaler, opts.grad_clip)
                 if opts.on_step is not None:
                     opts.on_step(i + 1, loss.detach())
             logits = {t: eval_logits(out[t].detach().float()) for t in tasks}
             preds = {t: logits[t].argmax(1) for t in tasks}
-            bs, steps = x.shape[0], i + 1
+            steps = i + 1
             n += bs
             sums.add(i + 1, bs, loss, losses, {t: (preds[t] == y[t]).sum() for t in tasks}, train)
             if collect:
@@ -183,17 +192,32 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
             if opts.progress and time.monotonic() - shown > 1.0:
                 shown = time.monotonic()
                 bar.set_postfix(loss=f"{sums.loss.item() / max(n, 1):.4f}")
-    loss_sum, t_loss, correct, bad_step, bad_value = sums.value()
+    loss_sum, t_loss, correct, bad_step, bad_value, n = sums.value(n)
     if bad_step >= 0:
         raise Diverged(f"the training loss became {bad_value} at step {bad_step}", step=bad_step)
     n1 = max(n, 1)
-    collected = ({t: {k: torch.cat(v).cpu().numpy() for k, v in s.items()} for t, s in store.items()}
+    collected = (dist.gather_collected({t: {k: _cat(v) for k, v in s.items()} for t, s in store.items()})
                  if collect else {})
     return EpochResult(
         loss=loss_sum / n1, task_loss={t: v / n1 for t, v in t_loss.items()},
         accuracy={t: c / n1 for t, c in correct.items()}, n=n,
         seconds=time.perf_counter() - start, steps=steps, collected=collected,
     )
+
+
+def _cat(parts: list) -> np.ndarray:
+    return torch.cat(parts).cpu().numpy() if parts else np.zeros(0)
+
+
+def _agree(bs: int, opts: LoopOptions) -> torch.Tensor:
+    """DDP, once per training step: the global batch size and whether any rank was asked to stop
+    (all ranks stop at the same step, never one inside a collective). Returns the factor that
+    makes DDP's gradient average the gradient of the mean loss over the global batch."""
+    stop = opts.stop_flag() if opts.stop_flag else None
+    flags = dist.all_sum(torch.tensor([float(bs), float(stop or 0)], device=opts.device))
+    if flags[1].item():
+        raise Interrupted(int(stop or signal.SIGTERM))
+    return bs * dist.world().size / flags[0]
 
 
 def _w(opts: LoopOptions, task: str):
@@ -326,6 +350,7 @@ class FitHooks:
     before_epoch: Optional[Callable[[TrainState, int], None]] = None
     train_mode: Callable[["TrainState"], None] = lambda s: s.model.train()  # frozen BN stays in eval
     stop_after: Optional[int] = None  # tests: behave as if interrupted after this epoch
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda net: net  # DDP: the wrapper that trains
 
 
 def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, tcfg, hooks: FitHooks) -> TrainState:
@@ -344,7 +369,8 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
             lrs = group_lrs(state.optimizer)
             hooks.train_mode(state)
             try:
-                train = run_epoch(state.net or state.model, loaders["train"], tasks, opts, state.optimizer, state.scaler,
+                train = run_epoch(hooks.wrap(state.net or state.model), loaders["train"], tasks, opts,
+                                  state.optimizer, state.scaler,
                                   tcfg.limit_train_batches, desc=f"epoch {epoch + 1} train")
             except Diverged as e:
                 raise _diverged(f"{e} of epoch {epoch + 1}", epoch, state.step + (e.step or 0)) from None

@@ -2,7 +2,9 @@
 Used by the run directory (``record.RunLock``) and the feature store (one job computes an
 entry, the others wait). A lock is stale when its process is gone (same host), when it is our
 own process's leftover, or when it stayed unreadable for a minute; a lock from another host is
-never judged stale from here."""
+never judged stale from here, except one left by an earlier incarnation of this same SLURM job
+(a pre-empted or timed-out job requeued, possibly on another node: SLURM runs one incarnation at
+a time, so that holder is gone)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,24 @@ def try_create(path: Path) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.write(f"{os.getpid()} {socket.gethostname()} {slurm_job() or '-'}\n")
     return True
+
+
+def slurm_job() -> Optional[str]:
+    """This process's SLURM job (``ARRAYJOB_TASK`` for an array task), kept across requeues."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def _slurm_owner(path: Path) -> Optional[str]:
+    try:
+        fields = Path(path).read_text().split()
+    except OSError:
+        return None
+    return fields[2] if len(fields) > 2 and fields[2] != "-" else None
 
 
 def owner(path: Path) -> tuple[Optional[int], str]:
@@ -42,6 +60,9 @@ def stale(path: Path) -> bool:
             return time.time() - Path(path).stat().st_mtime > UNREADABLE_S
         except OSError:
             return True
+    mine = slurm_job()
+    if mine is not None and _slurm_owner(path) == mine:
+        return True  # an earlier incarnation of this requeued SLURM job
     if host != socket.gethostname():
         return False  # can't tell from here
     if pid == os.getpid():

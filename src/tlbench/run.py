@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, dist
 from .build import build_everything, progress_enabled, seed_everything, versions
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save_atomic
@@ -136,12 +136,21 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None,
     built): a refused run leaves an existing directory unchanged, a new one with at most
     ``status.json`` saying ``failed``."""
     run_dir = Path(run_dir)
-    check_writable(run_dir, "the run directory")
-    fresh = is_fresh(run_dir)
+    if not dist.world().main:
+        return _follow(cfg, run_dir, stop_after, sweeping)
+    told = []  # DDP: the other ranks wait for rank 0's verdict before building anything
+
+    def tell(verdict: str, arg=None) -> None:
+        if not told:
+            told.append(dist.broadcast((verdict, arg)))
+
     early = EarlyLog().__enter__()
     try:
+        check_writable(run_dir, "the run directory")
+        fresh = is_fresh(run_dir)
         done = preflight(cfg, run_dir, fresh)
         if done is not None:
+            tell("done")
             return done
         with RunLock(run_dir):
             try:
@@ -151,12 +160,30 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None,
                 if is_fresh(run_dir):
                     write_status(run_dir, "failed", str(e))
                 raise
+            tell("go", ctx.resuming)
             early.__exit__()
             early.flush_into(open_log(run_dir))
             return _run(cfg, run_dir, ctx, record)
+    except BaseException as e:
+        tell("stop", str(e))
+        raise
     finally:
         early.__exit__()
         close_log(run_dir)
+
+
+def _follow(cfg: Config, run_dir: Path, stop_after: Optional[int], sweeping: bool) -> Optional[dict]:
+    """A DDP rank other than 0: train and evaluate in step with rank 0, writing nothing.
+    Returns None (rank 0 holds the results)."""
+    verdict, arg = dist.broadcast()
+    if verdict == "done":
+        return None
+    if verdict == "stop":
+        raise TlbenchError(f"rank 0 stopped the run: {arg}")
+    ctx = _setup(cfg, run_dir, stop_after)
+    ctx.resuming, ctx.sweeping = arg, sweeping
+    _train(cfg, run_dir, ctx)
+    return None
 
 
 @dataclass
@@ -188,7 +215,7 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
                  "runs exactly", torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle, model, plan = build_everything(cfg)
-    device = select_device(cfg.trainer.device)
+    device = dist.rank_device(select_device(cfg.trainer.device))
     model.to(device)
     state = _new_state(cfg, model, plan, device)
     resuming = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").is_file()
@@ -209,6 +236,10 @@ def _run(cfg: Config, run_dir: Path, ctx: _Ctx, record: Optional[dict[str, str]]
         write_status(run_dir, "interrupted", f"{e}; resume with: tlbench trainer.resume={run_dir}",
                      state.epoch, state.step)
         raise
+    except SystemExit as e:  # a second signal, or submitit exiting after requeuing a pre-empted job
+        write_status(run_dir, "interrupted", f"the process was told to exit ({e.code}); "
+                     f"resume with: tlbench trainer.resume={run_dir}", state.epoch, state.step)
+        raise
     except Diverged as e:
         log.error("%s", e)
         write_status(run_dir, "diverged", str(e), state.epoch, state.step)
@@ -225,22 +256,23 @@ def _run(cfg: Config, run_dir: Path, ctx: _Ctx, record: Optional[dict[str, str]]
     return results
 
 
-def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
-    state, bundle = ctx.state, ctx.bundle
-    _write_run_files(cfg, run_dir, bundle)
-    ctx.tracker = Tracker(run_dir)
+def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
+    state, bundle, main = ctx.state, ctx.bundle, dist.world().main
+    if main:
+        _write_run_files(cfg, run_dir, bundle)
+    ctx.tracker = Tracker(run_dir, enabled=main)
     hooks = _hooks(cfg, run_dir, ctx.tracker, ctx.stop_after, bundle.tasks)
     if ctx.resuming:
         _resume(cfg, run_dir, state)
-    else:
+    elif main:
         hooks.save(state, "last.pt")  # an interrupted first epoch still leaves a resumable start
         _log_batch_grid(bundle, ctx.tracker)
-    log.info("model: %d parameters, %d trainable; device %s", state.plan.total, state.plan.trainable_count,
-             ctx.device)
+    log.info("model: %d parameters, %d trainable; device %s%s", state.plan.total, state.plan.trainable_count,
+             ctx.device, f" x {dist.world().size} processes" if dist.world().size > 1 else "")
     ctx.opts = LoopOptions(device=ctx.device, dtype=amp_dtype(ctx.device, cfg.trainer.precision),
-                           grad_clip=cfg.trainer.grad_clip, progress=progress_enabled(cfg),
+                           grad_clip=cfg.trainer.grad_clip, progress=progress_enabled(cfg) and main,
                            class_weights=_class_weights(bundle, ctx.device),
-                           on_step=_step_logger(cfg, state, ctx.tracker))
+                           on_step=_step_logger(cfg, state, ctx.tracker) if main else None)
     decision = ctx.decision
     if decision.applied:
         cached, state.net, ctx.feature_cache = cache_features(cfg, bundle, state.model, ctx.opts, decision)
@@ -249,8 +281,30 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
         log.info("frozen-prefix cache not applied: %s", decision.reason)
         ctx.feature_cache = {"applied": False, "reason": decision.reason}
         ctx.loaders = make_loaders(bundle, cfg, ctx.device)
+    if not main:
+        hooks = FitHooks(save=lambda s, name: None, log_epoch=lambda s, rec: None, before_epoch=hooks.before_epoch,
+                         train_mode=hooks.train_mode)
+    if dist.world().size > 1:
+        hooks.wrap = _ddp(ctx.device)
     fit(state, ctx.loaders, list(bundle.tasks), ctx.opts, cfg.trainer, hooks)
     return finish(cfg, run_dir, ctx)
+
+
+def _ddp(device: torch.device):
+    """The DDP wrapper training runs through, rebuilt when the trainable set changes (gradual
+    unfreezing); frozen parameters stay out of its gradient buckets."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    held: dict = {}
+
+    def wrap(net: torch.nn.Module) -> torch.nn.Module:
+        key = (id(net), tuple(p.requires_grad for p in net.parameters()))
+        if held.get("key") != key:
+            held["key"] = key
+            held["ddp"] = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        return held["ddp"]
+
+    return wrap
 
 
 def _step_logger(cfg: Config, state: TrainState, tracker: Tracker):
@@ -293,21 +347,26 @@ def _log_batch_grid(bundle, tracker: Tracker) -> None:
     tracker.image("train/batch", torchvision.utils.make_grid(x, nrow=8), 0)
 
 
-def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
-    """Load the best checkpoint, evaluate val and (once) test, write results.json."""
+def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
+    """Load the best checkpoint, evaluate val and (once) test, write results.json. In DDP every
+    rank evaluates its shard; rank 0 writes (the others return None)."""
     state, bundle, plan, loaders, opts, tracker = ctx.state, ctx.bundle, ctx.state.plan, ctx.loaders, ctx.opts, ctx.tracker
+    dist.barrier()  # rank 0 has written best.pt
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt", map_location=ctx.device)
     state.model.load_state_dict(best["model"])
     tasks, lim = list(bundle.tasks), cfg.trainer.limit_eval_batches
-    val = report_split(run_dir, "val", evaluate_split(state.net or state.model, loaders["val"], tasks, opts, lim), bundle,
-                       None, ecfg=cfg.eval)
-    test = report_split(run_dir, "test", evaluate_split(state.net or state.model, loaders["test"], tasks, opts, lim),
-                        bundle, None if ctx.sweeping else tracker, ecfg=cfg.eval)
+    net = state.net or state.model
+    val_c, test_c = (evaluate_split(net, loaders[s], tasks, opts, lim) for s in ("val", "test"))
+    processes = dist.describe(ctx.device)
+    if not dist.world().main:
+        return None
+    val = report_split(run_dir, "val", val_c, bundle, None, ecfg=cfg.eval)
+    test = report_split(run_dir, "test", test_c, bundle, None if ctx.sweeping else tracker, ecfg=cfg.eval)
     hist = state.history
     results = {
         "tlbench_version": __version__, "config_hash": config_hash(cfg), "dataset": cfg.dataset.name,
         "dataset_fingerprint": bundle.fingerprint, "model": cfg.model.name, "freeze": cfg.freeze.name,
-        "seed": cfg.seed, "device": str(ctx.device), "torch_threads": torch.get_num_threads(), "versions": versions(),
+        "seed": cfg.seed, "device": str(ctx.device), "processes": processes, "torch_threads": torch.get_num_threads(), "versions": versions(),
         "params": {"total": plan.total, "trainable": plan.trainable_count},
         "weights_source": getattr(state.model.backbone, "weights_source", None),
         "tasks": bundle.tasks, "class_counts": bundle.class_counts, "skipped_images": bundle.source.skipped,

@@ -26,10 +26,15 @@ def flip_mask(seed: int, epoch: int, n: int) -> torch.Tensor:
 class EpochSampler(Sampler):
     """A permutation that depends only on (seed, epoch): resume-safe shuffling. It yields
     ``(item, flip)`` pairs: a dataset that augments with flips mirrors the items whose ``flip``
-    is set (:func:`flip_mask`); every other dataset ignores it."""
+    is set (:func:`flip_mask`); every other dataset ignores it.
 
-    def __init__(self, n: int, seed: int):
+    With ``world`` > 1 (DDP) it yields rank ``rank``'s part of every global batch of
+    ``global_batch`` items: the ranks' parts, concatenated, are that global batch (a tail shorter
+    than ``world`` is dropped, so no rank is left without a batch)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, global_batch: int = 1):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.rank, self.world, self.global_batch = rank, world, global_batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -38,30 +43,58 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         flips = flip_mask(self.seed, self.epoch, self.n).tolist()
-        return iter([(i, flips[i]) for i in order])
+        return iter([(order[j], flips[order[j]]) for j in self._positions()])
+
+    def _positions(self) -> list[int]:
+        """Positions in the epoch's order this rank takes."""
+        if self.world == 1:
+            return list(range(self.n))
+        out = []
+        for start in range(0, self.n, self.global_batch):
+            m = min(self.global_batch, self.n - start)
+            if m < self.world:
+                break
+            base, extra = divmod(m, self.world)
+            lo = start + self.rank * base + min(self.rank, extra)
+            out.extend(range(lo, lo + base + (self.rank < extra)))
+        return out
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._positions())
+
+
+class Strided(Sampler):
+    """Evaluation shard of rank ``rank``: items ``rank, rank + world, ...`` in order
+    (``dist.interleave`` puts the gathered predictions back in index order)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
 
 
 class Batches(Sampler):
     """Whole batches of item requests for in-memory splits: the dataset gets one list per batch
-    and slices its tensors (no per-item ``__getitem__``, no collate). Training: the
-    :class:`EpochSampler` order and flips cut into batches; evaluation: in order."""
+    and slices its tensors (no per-item ``__getitem__``, no collate). ``items``: the
+    :class:`EpochSampler` (training: its order and flips) or :class:`Strided` (evaluation)."""
 
-    def __init__(self, n: int, batch_size: int, epochs: "EpochSampler | None" = None):
-        self.n, self.batch_size, self.epochs = n, batch_size, epochs
+    def __init__(self, items: Sampler, batch_size: int):
+        self.items, self.batch_size = items, batch_size
 
     def set_epoch(self, epoch: int) -> None:
-        if self.epochs is not None:
-            self.epochs.set_epoch(epoch)
+        if hasattr(self.items, "set_epoch"):
+            self.items.set_epoch(epoch)
 
     def __iter__(self):
-        items = list(self.epochs) if self.epochs is not None else list(range(self.n))
+        items = list(self.items)
         return iter([items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)])
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-len(self.items) // self.batch_size)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -71,9 +104,13 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[str, DataLoader]:
+    """Loaders of this process: the whole splits for one process; in DDP this rank's part of
+    every global training batch and its strided shard of val/test (``dist``)."""
+    from .. import dist
     from . import TensorSplit
 
-    d = cfg.dataset
+    d, w = cfg.dataset, dist.world()
+    batch = dist.check_batch(cfg.batch_size)
     cuda = device.type == "cuda"
     loaders = {}
     for name in ("train", "val", "test"):
@@ -84,12 +121,13 @@ def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[
         workers = d.num_workers if d.num_workers is not None else (
             0 if getattr(ds, "in_memory", False) or not cuda else min(8, os.cpu_count() or 1))
         pin = d.pin_memory if d.pin_memory is not None else (cuda and not on_device)
-        sampler = EpochSampler(len(ds), cfg.seed) if name == "train" else None
+        sampler = (EpochSampler(len(ds), cfg.seed, w.rank, w.size, cfg.batch_size) if name == "train"
+                   else Strided(len(ds), w.rank, w.size))
         if getattr(ds, "in_memory", False) and workers == 0:
-            loaders[name] = DataLoader(ds, batch_size=None, sampler=Batches(len(ds), cfg.batch_size, sampler))
+            loaders[name] = DataLoader(ds, batch_size=None, sampler=Batches(sampler, batch))
             continue
         loaders[name] = DataLoader(
-            ds, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+            ds, batch_size=batch, sampler=sampler, shuffle=False, num_workers=workers,
             pin_memory=pin, persistent_workers=workers > 0, worker_init_fn=_seed_worker,
             generator=torch.Generator().manual_seed(cfg.seed),
         )

@@ -1,0 +1,190 @@
+"""One run on several processes (DDP): ``torchrun --nproc_per_node=N -m tlbench ...`` or
+``tlbench trainer.devices=N`` (which starts torchrun itself, :func:`launch`).
+
+A single process never initializes anything here: every helper is a no-op when the world has
+one process, so the one-process path stays exactly as it was.
+
+The contract (docs/scale.md):
+- ``trainer.batch_size`` is the *global* batch; each rank takes ``batch_size / world_size`` of
+  every global batch of the seeded per-epoch order (``loaders.EpochSampler``), so N processes
+  see the same global batches as one process, and the loss of a step is the mean over that
+  global batch (``step_scale``).
+- Validation and test are sharded (rank ``r`` evaluates items ``r, r + N, ...``); sums are
+  all-reduced and predictions gathered back into index order, so every rank computes the same
+  metrics (and takes the same early-stopping decision) and rank 0 writes them.
+- Only rank 0 writes the run directory; every rank reads checkpoints (shared filesystem).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from .errors import TlbenchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+_WORLD = World()
+
+
+def world() -> World:
+    return _WORLD
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets the torch.distributed variables), or
+    one of several tasks of a SLURM job submitted by Hydra's submitit launcher (whose variables
+    are then exported the way torchrun sets them)."""
+    if (os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+            and "WORLD_SIZE" not in os.environ):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str) -> World:
+    """Join the process group torchrun described in the environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``): nccl with one GPU per local rank on CUDA, gloo
+    on CPU. A process not started by a launcher stays a world of one."""
+    global _WORLD
+    if not launched():
+        return _WORLD
+    if not tdist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = device not in ("cpu", "mps") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local)
+        tdist.init_process_group("nccl" if cuda else "gloo")
+        _WORLD = World(tdist.get_rank(), tdist.get_world_size(), local, tdist.get_backend())
+        if not _WORLD.main:  # one console: the other ranks only report problems
+            logging.getLogger().setLevel(logging.WARNING)
+    return _WORLD
+
+
+def shutdown() -> None:
+    global _WORLD
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    _WORLD = World()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` in a CUDA world, else ``device``."""
+    if _WORLD.size > 1 and device.type == "cuda":
+        return torch.device("cuda", _WORLD.local_rank)
+    return device
+
+
+def check_batch(batch_size: int, size: Optional[int] = None) -> int:
+    """The per-rank batch; the global batch must split evenly over the processes."""
+    size = size or _WORLD.size
+    if batch_size % size:
+        raise TlbenchError(
+            f"trainer.batch_size={batch_size} is the global batch and must be divisible by the number of "
+            f"processes ({size}); use e.g. trainer.batch_size={max(size, batch_size // size * size)}")
+    return batch_size // size
+
+
+# ----------------------------------------------------------------------------- collectives
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    if _WORLD.size > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_max(t: torch.Tensor) -> torch.Tensor:
+    if _WORLD.size > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t
+
+
+def broadcast(obj: Any = None) -> Any:
+    """Rank 0's ``obj`` on every rank (a no-op for one process)."""
+    if _WORLD.size == 1:
+        return obj
+    box = [obj if _WORLD.main else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any) -> list:
+    if _WORLD.size == 1:
+        return [obj]
+    out: list = [None] * _WORLD.size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _WORLD.size > 1:
+        tdist.barrier()
+
+
+def interleave(parts: list[np.ndarray]) -> np.ndarray:
+    """Undo the strided sharding of evaluation: rank ``r`` held items ``r, r + N, ...``."""
+    n = sum(len(p) for p in parts)
+    out = np.empty((n, *parts[0].shape[1:]), dtype=parts[0].dtype)
+    for r, p in enumerate(parts):
+        out[r::len(parts)] = p
+    return out
+
+
+def gather_collected(collected: dict) -> dict:
+    """``{task: {name: array}}`` of this rank's shard -> the whole split, in index order, on
+    every rank."""
+    if _WORLD.size == 1:
+        return collected
+    parts = all_gather(collected)
+    return {t: {k: interleave([p[t][k] for p in parts]) for k in collected[t]} for t in collected}
+
+
+def describe(device: torch.device) -> dict:
+    """results.json's record of the processes that trained the run."""
+    return {"world_size": _WORLD.size, "backend": _WORLD.backend, "devices": all_gather(str(device))}
+
+
+# ----------------------------------------------------------------------------- launching
+def launch(nproc: int, overrides: list[str], extra_env: Optional[dict] = None) -> int:
+    """``tlbench trainer.devices=N``: run the same command on N local processes through torch's
+    own launcher (``python -m torch.distributed.run --standalone``) and return its exit code.
+    SIGINT/SIGTERM reach the launcher, which forwards them to every rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "tlbench", *overrides]
+    log.info("starting %d processes: %s", nproc, " ".join(cmd[1:]))
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.Popen(cmd, env=env)
+    import signal
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM,)}
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the terminal sent SIGINT to the whole group: wait for the ranks to stop
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
