@@ -132,16 +132,15 @@ class _Sums:
     def value(self, n: int) -> tuple[float, dict, dict, int, float, int]:
         """(loss sum, task loss sums, correct counts, first bad step or -1, its loss, items): over
         every rank of a DDP world (sums all-reduced), else this process's."""
-        tasks = list(self.task_loss)
-        flat = torch.stack([self.loss, *[self.task_loss[t] for t in tasks],
-                            *[self.correct[t].double() for t in tasks],
+        tasks, k = list(self.task_loss), len(self.task_loss)
+        sums = torch.stack([self.loss, *[self.task_loss[t] for t in tasks], *[self.correct[t].double() for t in tasks],
                             torch.tensor(float(n), dtype=torch.float64, device=self.loss.device)])
-        bad = torch.stack([self.bad_step.double()])
-        flat, bad = dist.all_sum(flat).tolist(), int(dist.all_max(bad).item())
-        k = len(tasks)
-        local_bad = int(self.bad_step.item())
+        local_bad = self.bad_step.double().reshape(1)
+        flat = torch.cat([dist.all_sum(sums), dist.all_max(local_bad.clone()), local_bad,
+                          self.bad_value.reshape(1)]).tolist()  # the epoch's one sync
+        bad, local, value = int(flat[-3]), int(flat[-2]), flat[-1]
         return (flat[0], dict(zip(tasks, flat[1:1 + k])), dict(zip(tasks, flat[1 + k:1 + 2 * k])),
-                bad, self.bad_value.item() if local_bad == bad else float("nan"), int(flat[-1]))
+                bad, value if local == bad else float("nan"), int(flat[-4]))
 
 
 def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=None,

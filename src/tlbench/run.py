@@ -210,7 +210,7 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     elif os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() < (os.cpu_count() or 1):
-        log.info("torch uses %d CPU thread(s) (OMP_NUM_THREADS=%s, e.g. set by the joblib launcher); a plain run "
+        log.info("torch uses %d CPU thread(s) (OMP_NUM_THREADS=%s, set e.g. by torchrun or the joblib launcher); a plain run "
                  "here uses more and its numbers differ in the last digits: set trainer.num_threads to compare "
                  "runs exactly", torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])
     seed_everything(cfg.seed, cfg.trainer.deterministic)
