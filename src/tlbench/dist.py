@@ -8,7 +8,7 @@ The contract (docs/scale.md):
 - ``trainer.batch_size`` is the *global* batch; each rank takes ``batch_size / world_size`` of
   every global batch of the seeded per-epoch order (``loaders.EpochSampler``), so N processes
   see the same global batches as one process, and the loss of a step is the mean over that
-  global batch (``step_scale``).
+  global batch (``engine._agree`` scales each rank's loss by its share).
 - Validation and test are sharded (rank ``r`` evaluates items ``r, r + N, ...``); sums are
   all-reduced and predictions gathered back into index order, so every rank computes the same
   metrics (and takes the same early-stopping decision) and rank 0 writes them.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -175,7 +176,6 @@ def launch(nproc: int, overrides: list[str], extra_env: Optional[dict] = None) -
     log.info("starting %d processes: %s", nproc, " ".join(cmd[1:]))
     env = {**os.environ, **(extra_env or {})}
     proc = subprocess.Popen(cmd, env=env)
-    import signal
 
     def forward(signum, frame):
         proc.send_signal(signum)
