@@ -112,6 +112,38 @@ class TensorSplit(Dataset):
         return TensorSplit(self.x.to(device), {t: y.to(device) for t, y in self.labels.items()}, self.indices)
 
 
+class ImageSplit(TensorSplit):
+    """The tensor path's split (``data/pipeline.py``): uint8 images at their storage size. A
+    request (a batch from ``loaders.Batches``, or one item) is one slice, transformed as a batch on
+    the tensor's device; with ``flip``, the sampler's flip decisions apply; ``mirror`` mirrors all."""
+
+    def __init__(self, x: torch.Tensor, labels: dict[str, torch.Tensor], indices, transform,
+                 flip: bool = False, mirror: bool = False):
+        super().__init__(x, labels, indices)
+        self.transform, self.flip, self.mirror = transform, flip, mirror
+
+    def __getitem__(self, item):
+        batch = isinstance(item, list)
+        reqs = [unpack(r) for r in (item if batch else [item])]
+        dev = self.x.device
+        idx = torch.as_tensor([i for i, _ in reqs], device=dev)
+        flips = None
+        if self.mirror or (self.flip and any(f for _, f in reqs)):
+            flips = torch.as_tensor([self.mirror or f for _, f in reqs], device=dev)
+        x = self.transform(self.x[idx], flips)
+        y = {t: v[idx.to(v.device)] for t, v in self.labels.items()}
+        return (x, y) if batch else (x[0], {t: v[0] for t, v in y.items()})
+
+    def to(self, device) -> "ImageSplit":
+        return self.variant(x=self.x.to(device), labels={t: y.to(device) for t, y in self.labels.items()})
+
+    def variant(self, **changes) -> "ImageSplit":
+        """A copy sharing the tensors, with some of ``x, labels, transform, flip, mirror`` replaced."""
+        kw = {"x": self.x, "labels": self.labels, "transform": self.transform, "flip": self.flip,
+              "mirror": self.mirror, **changes}
+        return ImageSplit(kw.pop("x"), kw.pop("labels"), self.indices, **kw)
+
+
 def materialize(ds: SplitDataset) -> Dataset:
     """Precompute all items of a deterministic split if they fit in memory."""
     if len(ds) == 0:
@@ -154,8 +186,38 @@ def _native_size(source: Source) -> int:
     return int(max(source.image(0).size))
 
 
-def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
-    """Load, select tasks, split, transform. Pure: no training state involved."""
+def _loader_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetConfig, train_tf, eval_tf) -> dict:
+    """The DataLoader path: per-item transforms; deterministic splits that fit are precomputed."""
+    datasets = {}
+    for name, idx in splits.items():
+        tf = train_tf if name == "train" else eval_tf
+        ds = SplitDataset(source, idx, tasks, tf, flip=name == "train" and cfg.augment in ("flip", "flip_crop"))
+        datasets[name] = materialize(ds) if (name != "train" or cfg.augment == "none") else ds
+    return datasets
+
+
+def _make_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetConfig, spec: InputSpec, store):
+    """``{split: dataset}`` on the path ``dataset.pipeline`` chooses (``data/pipeline.py``), the
+    eval transform (for other items of the source) and the record of the choice."""
+    from . import pipeline
+
+    native = _native_size(source)
+    train_tf, eval_tf = build_transforms(spec, cfg.augment, native, isinstance(source.images, list))
+    n_items = len(np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in splits.values()])))
+    choice = pipeline.choose(cfg, source, n_items, spec, native)
+    log.info("data pipeline: %s (%s)", choice.mode, choice.reason)
+    if choice.mode == "loader":
+        return _loader_splits(source, splits, tasks, cfg, train_tf, eval_tf), eval_tf, choice.record()
+    from ..store import FeatureStore
+
+    datasets, record = pipeline.tensor_splits(source, splits, tasks, spec, native, cfg, choice,
+                                              store if store is not None else FeatureStore(None))
+    return datasets, eval_tf, record
+
+
+def build_data(cfg: DatasetConfig, spec: InputSpec, store=None) -> DataBundle:
+    """Load, select tasks, split, transform. Pure: no training state involved. ``store``: where
+    the tensor path keeps decoded file datasets (a ``store.FeatureStore``; None: not on disk)."""
     source = load_source(cfg)
     tasks = select_tasks(source, cfg.task)
     strat = _stratify_labels(source, tasks)
@@ -172,12 +234,7 @@ def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
         len(source), strat, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         official_test=official, seed=cfg.split_seed, stratify=cfg.stratify, pool=pool,
     )
-    train_tf, eval_tf = build_transforms(spec, cfg.augment, _native_size(source), isinstance(source.images, list))
-    datasets = {}
-    for name, idx in splits.items():
-        tf = train_tf if name == "train" else eval_tf
-        ds = SplitDataset(source, idx, tasks, tf, flip=name == "train" and cfg.augment in ("flip", "flip_crop"))
-        datasets[name] = materialize(ds) if (name != "train" or cfg.augment == "none") else ds
+    datasets, eval_tf, pipeline_record = _make_splits(source, splits, tasks, cfg, spec, store)
     counts = _class_counts(source, splits, tasks)
     for name in splits:
         log.info("%s split: %d items; %s", name, len(splits[name]), "; ".join(_counts_line(counts[name][t], t)
@@ -192,5 +249,5 @@ def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
         train=datasets["train"], val=datasets["val"], test=datasets["test"],
         tasks={t: list(source.tasks[t]) for t in tasks}, splits=splits, source=source,
         fingerprint=source.fingerprint(splits), class_counts=counts, class_weights=weights,
-        eval_transform=eval_tf,
+        eval_transform=eval_tf, pipeline=pipeline_record,
     )

@@ -117,3 +117,4 @@ class DataBundle:
     class_counts: dict[str, dict[str, dict[str, int]]]  # split -> task -> class -> count
     class_weights: Optional[dict[str, list[float]]] = None
     eval_transform: Optional[object] = None  # image -> tensor, deterministic (eval of other items)
+    pipeline: Optional[dict] = None  # the data path taken and why (data/pipeline.py; results.json "speed")
