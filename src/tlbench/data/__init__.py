@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from ..config import DatasetConfig
 from ..errors import TlbenchError, choices
 from ..models.base import InputSpec
-from .base import DataBundle, Source
+from .base import DataBundle, Source, unpack
+from .pipeline import ImageSplit, choose, tensor_splits
 from .splits import limit_per_class, make_splits
 from .transforms import build_transforms
 
@@ -61,11 +62,6 @@ def select_tasks(source: Source, task: str | None) -> list[str]:
     if task not in source.tasks:
         raise TlbenchError(f"dataset.task={task!r} is not a task of this dataset; choose one of {choices(valid)}")
     return [task]
-
-
-def unpack(item) -> tuple[int, bool]:
-    """A dataset item request: an index, or ``(index, flip)`` from the training sampler."""
-    return (int(item[0]), bool(item[1])) if isinstance(item, tuple) else (int(item), False)
 
 
 class SplitDataset(Dataset):
@@ -110,38 +106,6 @@ class TensorSplit(Dataset):
 
     def to(self, device) -> "TensorSplit":
         return TensorSplit(self.x.to(device), {t: y.to(device) for t, y in self.labels.items()}, self.indices)
-
-
-class ImageSplit(TensorSplit):
-    """The tensor path's split (``data/pipeline.py``): uint8 images at their storage size. A
-    request (a batch from ``loaders.Batches``, or one item) is one slice, transformed as a batch on
-    the tensor's device; with ``flip``, the sampler's flip decisions apply; ``mirror`` mirrors all."""
-
-    def __init__(self, x: torch.Tensor, labels: dict[str, torch.Tensor], indices, transform,
-                 flip: bool = False, mirror: bool = False):
-        super().__init__(x, labels, indices)
-        self.transform, self.flip, self.mirror = transform, flip, mirror
-
-    def __getitem__(self, item):
-        batch = isinstance(item, list)
-        reqs = [unpack(r) for r in (item if batch else [item])]
-        dev = self.x.device
-        idx = torch.as_tensor([i for i, _ in reqs], device=dev)
-        flips = None
-        if self.mirror or (self.flip and any(f for _, f in reqs)):
-            flips = torch.as_tensor([self.mirror or f for _, f in reqs], device=dev)
-        x = self.transform(self.x[idx], flips)
-        y = {t: v[idx.to(v.device)] for t, v in self.labels.items()}
-        return (x, y) if batch else (x[0], {t: v[0] for t, v in y.items()})
-
-    def to(self, device) -> "ImageSplit":
-        return self.variant(x=self.x.to(device), labels={t: y.to(device) for t, y in self.labels.items()})
-
-    def variant(self, **changes) -> "ImageSplit":
-        """A copy sharing the tensors, with some of ``x, labels, transform, flip, mirror`` replaced."""
-        kw = {"x": self.x, "labels": self.labels, "transform": self.transform, "flip": self.flip,
-              "mirror": self.mirror, **changes}
-        return ImageSplit(kw.pop("x"), kw.pop("labels"), self.indices, **kw)
 
 
 def materialize(ds: SplitDataset) -> Dataset:
@@ -199,18 +163,16 @@ def _loader_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetC
 def _make_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetConfig, spec: InputSpec, store):
     """``{split: dataset}`` on the path ``dataset.pipeline`` chooses (``data/pipeline.py``), the
     eval transform (for other items of the source) and the record of the choice."""
-    from . import pipeline
-
     native = _native_size(source)
     train_tf, eval_tf = build_transforms(spec, cfg.augment, native, isinstance(source.images, list))
     n_items = len(np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in splits.values()])))
-    choice = pipeline.choose(cfg, source, n_items, spec, native)
+    choice = choose(cfg, source, n_items, spec, native)
     log.info("data pipeline: %s (%s)", choice.mode, choice.reason)
     if choice.mode == "loader":
         return _loader_splits(source, splits, tasks, cfg, train_tf, eval_tf), eval_tf, choice.record()
     from ..store import FeatureStore
 
-    datasets, record = pipeline.tensor_splits(source, splits, tasks, spec, native, cfg, choice,
+    datasets, record = tensor_splits(source, splits, tasks, spec, native, cfg, choice,
                                               store if store is not None else FeatureStore(None))
     return datasets, eval_tf, record
 

@@ -44,7 +44,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..errors import TlbenchError
 from ..models.base import InputSpec
 from ..store import FeatureStore, as_tensor, make_key
-from .base import Source
+from .base import Source, unpack
 from .transforms import _ChannelFix, crop_padding, model_size
 
 log = logging.getLogger(__name__)
@@ -193,11 +193,46 @@ def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the splits
+class ImageSplit:
+    """The tensor path's split (``data/pipeline.py``): uint8 images at their storage size. A
+    request (a batch from ``loaders.Batches``, or one item) is one slice, transformed as a batch on
+    the tensor's device; with ``flip``, the sampler's flip decisions apply; ``mirror`` mirrors all."""
+
+    in_memory = True  # no loader workers needed; make_loaders moves it to the GPU once
+
+    def __init__(self, x: torch.Tensor, labels: dict[str, torch.Tensor], indices, transform,
+                 flip: bool = False, mirror: bool = False):
+        self.x, self.labels, self.indices, self.tasks = x, labels, list(indices), list(labels)
+        self.transform, self.flip, self.mirror = transform, flip, mirror
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, item):
+        batch = isinstance(item, list)
+        reqs = [unpack(r) for r in (item if batch else [item])]
+        dev = self.x.device
+        idx = torch.as_tensor([i for i, _ in reqs], device=dev)
+        flips = None
+        if self.mirror or (self.flip and any(f for _, f in reqs)):
+            flips = torch.as_tensor([self.mirror or f for _, f in reqs], device=dev)
+        x = self.transform(self.x[idx], flips)
+        y = {t: v[idx.to(v.device)] for t, v in self.labels.items()}
+        return (x, y) if batch else (x[0], {t: v[0] for t, v in y.items()})
+
+    def to(self, device) -> "ImageSplit":
+        return self.variant(x=self.x.to(device), labels={t: y.to(device) for t, y in self.labels.items()})
+
+    def variant(self, **changes) -> "ImageSplit":
+        """A copy sharing the tensors, with some of ``x, labels, transform, flip, mirror`` replaced."""
+        kw = {"x": self.x, "labels": self.labels, "transform": self.transform, "flip": self.flip,
+              "mirror": self.mirror, **changes}
+        return ImageSplit(kw.pop("x"), kw.pop("labels"), self.indices, **kw)
+
+
 def tensor_splits(source: Source, splits: dict, tasks: list[str], spec: InputSpec, native: int, cfg,
                   choice: Choice, store: FeatureStore) -> tuple[dict, dict]:
     """``{split: ImageSplit}`` over one decode of every image the splits use, and a record."""
-    from . import ImageSplit
-
     st = choice.storage
     needed = np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in splits.values()]))
     images, rec = decode(source, needed, st, store)
