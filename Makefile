@@ -32,5 +32,11 @@ test: venv
 smoke: venv
 	PYTHON=$(PY) scripts/smoke_presets.sh $(SMOKE_ARGS)
 
+# tensor vs loader data path side by side on this CPU (the shared CIFAR-10 subset when present,
+# else a synthetic one); the GPU counterpart is scripts/bench_gpu.sh (docs/benchmarks.md)
+BENCH_DATA ?= $(wildcard ../shared/data/cifar10)
+bench: venv
+	$(PY) scripts/bench_speed.py --cpu $(if $(BENCH_DATA),--data $(BENCH_DATA),)
+
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

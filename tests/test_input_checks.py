@@ -28,7 +28,7 @@ def _tree(root, write) -> None:
 def _pixels(root) -> dict[str, torch.Tensor]:
     cfg = DatasetConfig(name="image_folder", root=str(root), val_fraction=0.25, test_fraction=0.25)
     bundle = build_data(cfg, PLAIN)
-    return {s: getattr(bundle, s).x for s in ("train", "val", "test")}
+    return {s: getattr(bundle, s)[list(range(len(getattr(bundle, s))))][0] for s in ("train", "val", "test")}
 
 
 def _gray16(label: int, k: int) -> np.ndarray:

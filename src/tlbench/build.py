@@ -14,6 +14,7 @@ from . import __version__
 from .config import Config, check_tasks
 from .data import build_data
 from .models import build_backbone, build_model
+from .store import open_store
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -42,7 +43,7 @@ def build_everything(cfg: Config):
     from .freeze import apply_freeze
 
     backbone = build_backbone(cfg.model)
-    bundle = build_data(cfg.dataset, backbone.input_spec)
+    bundle = build_data(cfg.dataset, backbone.input_spec, open_store(cfg.trainer.feature_store))
     check_tasks(cfg, bundle.tasks)  # eval.topk / eval.positive_class need the classes: before any training
     sample = torch.stack([bundle.train[i][0] for i in range(min(2, len(bundle.train)))])
     model = build_model(backbone, {t: len(n) for t, n in bundle.tasks.items()}, cfg.head, sample)

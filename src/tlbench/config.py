@@ -22,7 +22,10 @@ DATASETS = ("sklearn_digits", "cifar10", "emnist", "handwritten_digits", "chest_
 AUGMENTS = ("none", "flip", "flip_crop", "randaugment")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "plateau")
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+PRECISIONS = ("32", "16-mixed", "bf16-mixed", "auto")  # auto: bf16-mixed on a CUDA GPU with bf16, else 32
+PIPELINES = ("auto", "tensor", "loader")  # data/pipeline.py
+SWITCHES = ("auto", "true", "false")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")  # speed.optimizer_kwargs
 MONITORS = ("val/loss", "val/accuracy", "val/macro_f1")  # the mode (min for loss, else max) follows the name
 
 
@@ -46,6 +49,8 @@ class DatasetConfig:
     augment: str = "none"
     class_weights: str = "none"  # none|balanced
     on_bad_image: str = "error"  # error|skip
+    pipeline: str = "auto"  # tensor: uint8 images on the device, batches sliced; loader: a DataLoader; auto: tensor if it fits
+    tensor_budget_gb: float = 4.0  # auto picks the tensor path when the decoded uint8 images take at most this
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class OptimConfig:
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: Optional[float] = None
+    impl: str = "auto"  # fused | foreach | loop; auto = fused on CUDA, torch's default elsewhere (speed.py)
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,10 @@ class TrainerConfig:
     log_every_n_steps: Optional[int] = 50  # training loss to TensorBoard every N steps (one sync each); None = off
     divergence_factor: Optional[float] = 1000.0  # stop (status diverged) when an epoch's train loss
     # exceeds this x epoch 1's; None = off (NaN/inf always stops)
+    compile: str = "auto"  # torch.compile what trains (suffix + heads): auto = on CUDA only | true | false
+    channels_last: str = "auto"  # auto = on CUDA for conv nets | true | false
+    cudnn_benchmark: str = "auto"  # auto = on CUDA when deterministic=false | true | false
+    tf32: str = "auto"  # TF32 matmul/conv: auto = on CUDA when deterministic=false | true | false
 
 
 @dataclass(frozen=True)
@@ -305,6 +315,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("trainer.precision", t.precision, PRECISIONS)
     _check_choice("trainer.cache_features", str(t.cache_features).lower(), ("auto", "true", "false"))
     _check_choice("trainer.feature_dtype", t.feature_dtype, ("float16", "float32"))
+    _validate_speed(cfg)
     _check_choice("trainer.monitor", t.monitor, MONITORS)
     _check_range("trainer.max_epochs", t.max_epochs, 1)
     _check_range("trainer.batch_size", t.batch_size, 1)
@@ -331,6 +342,23 @@ def validate(cfg: Config) -> Config:
     _check_choice("model.in_chans", cfg.model.in_chans, (1, 3))
     _validate_more(cfg)
     return cfg
+
+
+def _validate_speed(cfg: Config) -> None:
+    """The data path and the CUDA switches (``data/pipeline.py``, ``speed.py``)."""
+    t = cfg.trainer
+    _check_choice("dataset.pipeline", cfg.dataset.pipeline, PIPELINES)
+    _check_range("dataset.tensor_budget_gb", cfg.dataset.tensor_budget_gb, 0.0)
+    _check_choice("optim.impl", cfg.optim.impl, OPTIMIZER_IMPLS)
+    for key in SWITCH_KEYS:
+        _check_choice(f"trainer.{key}", str(getattr(t, key)).lower(), SWITCHES)
+    if str(t.cudnn_benchmark).lower() == "true" and t.deterministic:
+        raise TlbenchError("trainer.cudnn_benchmark=true picks convolution algorithms by timing them, which "
+                           "trainer.deterministic=true forbids; set trainer.deterministic=false as well, or "
+                           "leave trainer.cudnn_benchmark=auto")
+
+
+SWITCH_KEYS = ("compile", "channels_last", "cudnn_benchmark", "tf32")
 
 
 def _validate_more(cfg: Config) -> None:
@@ -409,8 +437,9 @@ def check_tasks(cfg: Config, tasks: dict[str, list[str]]) -> None:
 def to_config(data: dict) -> Config:
     """Build the frozen :class:`Config` from a plain (resolved) dict and validate it."""
     cfg = validate(from_dict(Config, {k: v for k, v in data.items() if k != "hydra"}))
-    mode = str(cfg.trainer.cache_features).lower()  # true/True/yes-as-bool all mean "true"
-    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, cache_features=mode))
+    # true/True/yes-as-bool all mean "true"
+    lowered = {k: str(getattr(cfg.trainer, k)).lower() for k in ("cache_features", *SWITCH_KEYS)}
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **lowered))
 
 
 schema()  # from import on: a launcher's worker process unpickles configs that refer to them
@@ -421,6 +450,11 @@ def to_dict(cfg: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+# the same batches and the same model either way, up to float rounding (docs/architecture.md)
+SPEED_KEYS = (("dataset", "pipeline"), ("dataset", "tensor_budget_gb"), ("optim", "impl"),
+              *(("trainer", k) for k in SWITCH_KEYS))
+
+
 def config_hash(cfg: Config) -> str:
     """Stable hash of everything that changes a run's result (not resume/progress)."""
     d = to_dict(cfg)
@@ -428,6 +462,8 @@ def config_hash(cfg: Config) -> str:
     d["trainer"].pop("progress", None)
     d["trainer"].pop("feature_store", None)  # where stored outputs live changes no number
     d["trainer"].pop("devices", None)  # N processes train on the same global batches (results.json says how many)
+    for group, key in SPEED_KEYS:  # how batches are made and run, not what they are (results.json's "speed")
+        d[group].pop(key, None)
     d.pop("sweep", None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -100,6 +100,13 @@ class LoopOptions:
     class_weights: Optional[dict[str, torch.Tensor]] = None
     stop_flag: Optional[Callable[[], Optional[int]]] = None  # returns a signal number to stop
     on_step: Optional[Callable[[int, torch.Tensor], None]] = None  # training: (step in epoch, loss on device)
+    channels_last: bool = False  # 4-d batches in channels-last memory format (speed.py)
+
+
+def batch_to(x: torch.Tensor, opts: "LoopOptions") -> torch.Tensor:
+    """A batch on the loop's device (and in channels-last layout when asked, for 4-d images)."""
+    x = x.to(opts.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if opts.channels_last and x.dim() == 4 else x
 
 
 def autocast(opts: "LoopOptions"):
@@ -166,7 +173,7 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
                 break
             if world == 1 and opts.stop_flag and (sig := opts.stop_flag()):
                 raise Interrupted(sig)
-            x = x.to(opts.device, non_blocking=True)
+            x = batch_to(x, opts)
             y = {t: v.to(opts.device, non_blocking=True) for t, v in y.items()}
             bs = x.shape[0]
             scale = _agree(bs, opts) if train and world > 1 else None

@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config
-from .engine import LoopOptions, autocast
-from .store import FeatureStore, default_root, make_key, tensor_digest
+from .engine import LoopOptions, autocast, batch_to
+from .store import as_tensor, make_key, open_store, tensor_digest
 
 log = logging.getLogger(__name__)
 
@@ -94,22 +94,12 @@ class SuffixNet(nn.Module):
         return self.model.heads_forward(self.suffix(h) if self.suffix is not None else h)
 
 
-def _tensor(a) -> torch.Tensor:
-    """The stored array as a tensor without a copy (a read-only memory map stays one: batches are
-    sliced from it, never written)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "not writable": nothing writes to it
-        return torch.from_numpy(np.asarray(a))
-
-
 class FeatureSplit(Dataset):
     """Stored prefix outputs of one split (and of its mirrored images), with the labels."""
 
     in_memory = True  # no loader workers needed
     def __init__(self, h, h_flip, labels: dict, indices):
-        self.h, self.h_flip = _tensor(h), (_tensor(h_flip) if h_flip is not None else None)
+        self.h, self.h_flip = as_tensor(h), (as_tensor(h_flip) if h_flip is not None else None)
         self.labels, self.indices = labels, list(indices)
 
     def __len__(self) -> int:
@@ -132,13 +122,6 @@ class FeatureSplit(Dataset):
         return src[i].float(), {t: y[i] for t, y in self.labels.items()}
 
 
-def _store(cfg: Config) -> FeatureStore:
-    root = cfg.trainer.feature_store
-    if root is None or str(root).lower() in ("null", "none"):
-        return FeatureStore(None)
-    return FeatureStore(default_root() if str(root).lower() == "auto" else root)
-
-
 def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: CacheDecision):
     """Run the frozen prefix once over each split (through the store). Returns the bundle of
     stored outputs, the module to train on them, and a record for results.json."""
@@ -156,8 +139,9 @@ def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: Cach
     dtype = cfg.trainer.feature_dtype
     base = {"weights": tensor_digest(weights), "split": decision.split_block, "model": cfg.model.name,
             "arch": cfg.model.arch, "transform": repr(bundle.eval_transform), "input": repr(model.backbone.input_spec),
-            "fingerprint": bundle.fingerprint, "dtype": dtype}
-    store, cached, reused = _store(cfg), copy.copy(bundle), []
+            "fingerprint": bundle.fingerprint, "dtype": dtype,
+            **({"pipeline": "tensor"} if (bundle.pipeline or {}).get("mode") == "tensor" else {})}
+    store, cached, reused = open_store(cfg.trainer.feature_store), copy.copy(bundle), []
     flips = cfg.dataset.augment == "flip"
     for name in ("train", "val", "test"):
         ds = getattr(bundle, name)
@@ -195,20 +179,33 @@ def _image_split(bundle, name: str, mirror: bool):
     from .data import SplitDataset
 
     ds = getattr(bundle, name)
+    if hasattr(ds, "variant"):  # the tensor path (data.ImageSplit): its transform is deterministic here
+        return ds.variant(flip=False, mirror=mirror)
     if not mirror and not isinstance(ds, SplitDataset):
         return ds  # precomputed tensors of the eval transform
     return SplitDataset(bundle.source, ds.indices, list(bundle.tasks), bundle.eval_transform, mirror=mirror)
+
+
+def _image_batches(ds, n: int, batch: int, device):
+    """The first ``n`` images of ``ds`` in order, a batch at a time: in-memory splits are moved to
+    the device once and sliced (no per-item ``__getitem__``); others go through a DataLoader."""
+    if getattr(ds, "in_memory", False):
+        ds = ds.to(device) if device.type == "cuda" else ds
+        for a in range(0, n, batch):
+            yield ds[list(range(a, min(n, a + batch)))][0]
+        return
+    for x, _ in DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=batch, shuffle=False):
+        yield x
 
 
 def _prefix_pass(prefix, ds, n: int, cfg: Config, opts: LoopOptions, dtype, path=None) -> Optional[np.ndarray]:
     """The prefix over the first ``n`` items of ``ds``: returned as one array, or, with ``path``,
     written batch by batch into a memory-mapped ``.npy`` there (never all in memory)."""
     out, mm, i = [], None, 0
-    sub = torch.utils.data.Subset(ds, range(n))
     with torch.inference_mode():
-        for x, _ in DataLoader(sub, batch_size=max(cfg.batch_size, 64), shuffle=False):
+        for x in _image_batches(ds, n, max(cfg.batch_size, 64), opts.device):
             with autocast(opts):
-                h = prefix(x.to(opts.device))
+                h = prefix(batch_to(x, opts))
             h = h.float().cpu().numpy().astype(dtype)
             if path is None:
                 out.append(h)

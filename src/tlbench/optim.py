@@ -15,6 +15,27 @@ from .config import OptimConfig, SchedConfig
 from .errors import TlbenchError
 
 
+IMPL_KWARGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}, "default": {}}
+
+
+def fused_devices() -> list[str]:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return list(_get_fused_kernels_supported_devices())
+
+
+def optimizer_impl(impl: str, device: torch.device) -> str:
+    """``optim.impl`` on ``device`` -> ``fused`` | ``foreach`` | ``loop`` | ``default`` (torch's
+    choice: foreach on CUDA, a loop on CPU). ``auto`` = fused on CUDA, torch's default elsewhere;
+    ``fused`` where torch has no fused kernels for the device is refused."""
+    if impl == "auto":
+        return "fused" if device.type == "cuda" and "cuda" in fused_devices() else "default"
+    if impl == "fused" and device.type not in fused_devices():
+        raise TlbenchError(f"optim.impl=fused: this torch has no fused optimizer kernels for {device.type} "
+                           f"(it has them for {', '.join(fused_devices())}); use optim.impl=auto, foreach or loop")
+    return impl
+
+
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = [dict(g) for g in groups if g["params"]]
     if not groups:
@@ -25,13 +46,14 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
     for g in groups:
         g.setdefault("lr", cfg.lr)
         g.setdefault("weight_decay", cfg.weight_decay)
+    impl = IMPL_KWARGS[optimizer_impl(cfg.impl, groups[0]["params"][0].device)]  # the params' device
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **impl)
     if cfg.nesterov:
         raise TlbenchError(f"optim.nesterov=true only applies to optim=sgd, not {cfg.name!r}")
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **impl)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, max_epochs: int):

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from . import __version__, dist
+from . import speed as speeds
 from .build import build_everything, progress_enabled, seed_everything, versions
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save_atomic
 from .config import Config, config_hash, to_dict
 from .data.loaders import make_loaders
-from .engine import Diverged, FitHooks, Interrupted, LoopOptions, TrainState, amp_dtype, fit, select_device
+from .engine import Diverged, FitHooks, Interrupted, LoopOptions, TrainState, fit, select_device
 from .errors import TlbenchError
 from .evaluate import evaluate_split, report_split
 from .features import backbone_frozen, cache_features, decide
@@ -36,10 +37,10 @@ from .tracking import Tracker, write_epochs_csv, write_json
 log = logging.getLogger(__name__)
 
 
-def _new_state(cfg: Config, model, plan, device) -> TrainState:
+def _new_state(cfg: Config, model, plan, speed: speeds.Speed) -> TrainState:
     optimizer = build_optimizer(plan.groups, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.max_epochs)
-    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and cfg.trainer.precision == "16-mixed") else None
+    scaler = torch.amp.GradScaler("cuda") if speed.grad_scaler else None  # float16 only, never bf16
     return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, plan=plan)
 
 
@@ -203,6 +204,7 @@ class _Ctx:
     feature_cache: Optional[dict] = None  # results.json's record of the frozen-prefix cache
     sweeping: bool = False  # a sweep's job: no test metric reaches TensorBoard
     decision: object = None  # features.CacheDecision
+    speed: Optional[speeds.Speed] = None  # the CUDA switches in force (speed.py)
 
 
 def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
@@ -217,9 +219,11 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
     bundle, model, plan = build_everything(cfg)
     device = dist.rank_device(select_device(cfg.trainer.device))
     model.to(device)
-    state = _new_state(cfg, model, plan, device)
+    speed = speeds.decide(cfg, device, model)
+    speeds.apply(speed, model)
+    state = _new_state(cfg, model, plan, speed)
     resuming = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").is_file()
-    ctx = _Ctx(bundle, state, device, resuming, stop_after, t0)
+    ctx = _Ctx(bundle, state, device, resuming, stop_after, t0, speed=speed)
     ctx.decision = decide(cfg, model, plan)  # trainer.cache_features=true that cannot apply: refused here
     return ctx
 
@@ -269,7 +273,7 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
         _log_batch_grid(bundle, ctx.tracker)
     log.info("model: %d parameters, %d trainable; device %s%s", state.plan.total, state.plan.trainable_count,
              ctx.device, f" x {dist.world().size} processes" if dist.world().size > 1 else "")
-    ctx.opts = LoopOptions(device=ctx.device, dtype=amp_dtype(ctx.device, cfg.trainer.precision),
+    ctx.opts = LoopOptions(device=ctx.device, dtype=ctx.speed.dtype, channels_last=ctx.speed.channels_last,
                            grad_clip=cfg.trainer.grad_clip, progress=progress_enabled(cfg) and main,
                            class_weights=_class_weights(bundle, ctx.device),
                            on_step=_step_logger(cfg, state, ctx.tracker) if main else None)
@@ -281,6 +285,8 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
         log.info("frozen-prefix cache not applied: %s", decision.reason)
         ctx.feature_cache = {"applied": False, "reason": decision.reason}
         ctx.loaders = make_loaders(bundle, cfg, ctx.device)
+    if ctx.speed.compile:
+        state.net = speeds.compiled(state.net or state.model, ctx.speed)
     if not main:
         hooks = FitHooks(save=lambda s, name: None, log_epoch=lambda s, rec: None, before_epoch=hooks.before_epoch,
                          train_mode=hooks.train_mode)
@@ -373,6 +379,9 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
         "monitor": cfg.trainer.monitor, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
         "early_stopped": state.epoch < cfg.trainer.max_epochs,
         "feature_cache": ctx.feature_cache,
+        "speed": {"pipeline": bundle.pipeline, **ctx.speed.record(decision_applied(ctx)),
+                  "cuda_peak_memory_gb": (torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                                          if ctx.device.type == "cuda" else None)},
         "time": {"total_s": time.perf_counter() - ctx.t0, "feature_cache_s": (ctx.feature_cache or {}).get("compute_s"),
                  "train_s_per_epoch": float(np.mean([h["train_seconds"] for h in hist])) if hist else None,
                  "val_s_per_epoch": float(np.mean([h["val_seconds"] for h in hist])) if hist else None},
@@ -381,6 +390,10 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
     write_json(run_dir / "results.json", results)
     _final_scalars(cfg, results, tracker, run_dir, ("val",) if ctx.sweeping else ("val", "test"))
     return results
+
+
+def decision_applied(ctx: _Ctx) -> bool:
+    return bool(ctx.decision is not None and ctx.decision.applied)
 
 
 def _hparam_keys(run_dir: Path) -> Optional[set]:

@@ -41,6 +41,24 @@ def default_root() -> Path:
     return Path(env).expanduser() / "features" if env else Path(DEFAULT_ROOT).expanduser()
 
 
+def open_store(setting: Optional[str]) -> "FeatureStore":
+    """The store a ``trainer.feature_store`` setting names: ``auto`` (:func:`default_root`), a path,
+    or null/none (no disk: everything lives in this process only)."""
+    if setting is None or str(setting).lower() in ("null", "none"):
+        return FeatureStore(None)
+    return FeatureStore(default_root() if str(setting).lower() == "auto" else setting)
+
+
+def as_tensor(a) -> torch.Tensor:
+    """A stored array as a tensor without a copy (a read-only memory map stays one: batches are
+    sliced from it, never written)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": nothing writes to it
+        return torch.from_numpy(np.asarray(a))
+
+
 def make_key(parts: dict) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from ..config import DatasetConfig
 from ..errors import TlbenchError, choices
 from ..models.base import InputSpec
-from .base import DataBundle, Source
+from .base import DataBundle, Source, unpack
+from .pipeline import ImageSplit, choose, tensor_splits
 from .splits import limit_per_class, make_splits
 from .transforms import build_transforms
 
@@ -61,11 +62,6 @@ def select_tasks(source: Source, task: str | None) -> list[str]:
     if task not in source.tasks:
         raise TlbenchError(f"dataset.task={task!r} is not a task of this dataset; choose one of {choices(valid)}")
     return [task]
-
-
-def unpack(item) -> tuple[int, bool]:
-    """A dataset item request: an index, or ``(index, flip)`` from the training sampler."""
-    return (int(item[0]), bool(item[1])) if isinstance(item, tuple) else (int(item), False)
 
 
 class SplitDataset(Dataset):
@@ -154,8 +150,36 @@ def _native_size(source: Source) -> int:
     return int(max(source.image(0).size))
 
 
-def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
-    """Load, select tasks, split, transform. Pure: no training state involved."""
+def _loader_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetConfig, train_tf, eval_tf) -> dict:
+    """The DataLoader path: per-item transforms; deterministic splits that fit are precomputed."""
+    datasets = {}
+    for name, idx in splits.items():
+        tf = train_tf if name == "train" else eval_tf
+        ds = SplitDataset(source, idx, tasks, tf, flip=name == "train" and cfg.augment in ("flip", "flip_crop"))
+        datasets[name] = materialize(ds) if (name != "train" or cfg.augment == "none") else ds
+    return datasets
+
+
+def _make_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetConfig, spec: InputSpec, store):
+    """``{split: dataset}`` on the path ``dataset.pipeline`` chooses (``data/pipeline.py``), the
+    eval transform (for other items of the source) and the record of the choice."""
+    native = _native_size(source)
+    train_tf, eval_tf = build_transforms(spec, cfg.augment, native, isinstance(source.images, list))
+    n_items = len(np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in splits.values()])))
+    choice = choose(cfg, source, n_items, spec, native)
+    log.info("data pipeline: %s (%s)", choice.mode, choice.reason)
+    if choice.mode == "loader":
+        return _loader_splits(source, splits, tasks, cfg, train_tf, eval_tf), eval_tf, choice.record()
+    from ..store import FeatureStore
+
+    datasets, record = tensor_splits(source, splits, tasks, spec, native, cfg, choice,
+                                              store if store is not None else FeatureStore(None))
+    return datasets, eval_tf, record
+
+
+def build_data(cfg: DatasetConfig, spec: InputSpec, store=None) -> DataBundle:
+    """Load, select tasks, split, transform. Pure: no training state involved. ``store``: where
+    the tensor path keeps decoded file datasets (a ``store.FeatureStore``; None: not on disk)."""
     source = load_source(cfg)
     tasks = select_tasks(source, cfg.task)
     strat = _stratify_labels(source, tasks)
@@ -172,12 +196,7 @@ def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
         len(source), strat, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         official_test=official, seed=cfg.split_seed, stratify=cfg.stratify, pool=pool,
     )
-    train_tf, eval_tf = build_transforms(spec, cfg.augment, _native_size(source), isinstance(source.images, list))
-    datasets = {}
-    for name, idx in splits.items():
-        tf = train_tf if name == "train" else eval_tf
-        ds = SplitDataset(source, idx, tasks, tf, flip=name == "train" and cfg.augment in ("flip", "flip_crop"))
-        datasets[name] = materialize(ds) if (name != "train" or cfg.augment == "none") else ds
+    datasets, eval_tf, pipeline_record = _make_splits(source, splits, tasks, cfg, spec, store)
     counts = _class_counts(source, splits, tasks)
     for name in splits:
         log.info("%s split: %d items; %s", name, len(splits[name]), "; ".join(_counts_line(counts[name][t], t)
@@ -192,5 +211,5 @@ def build_data(cfg: DatasetConfig, spec: InputSpec) -> DataBundle:
         train=datasets["train"], val=datasets["val"], test=datasets["test"],
         tasks={t: list(source.tasks[t]) for t in tasks}, splits=splits, source=source,
         fingerprint=source.fingerprint(splits), class_counts=counts, class_weights=weights,
-        eval_transform=eval_tf,
+        eval_transform=eval_tf, pipeline=pipeline_record,
     )

@@ -61,6 +61,11 @@ class Source:
         return h.hexdigest()[:16]
 
 
+def unpack(item) -> tuple[int, bool]:
+    """A dataset item request: an index, or ``(index, flip)`` from the training sampler."""
+    return (int(item[0]), bool(item[1])) if isinstance(item, tuple) else (int(item), False)
+
+
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale (PNG/TIFF) as Pillow opens it
 
 
@@ -117,3 +122,4 @@ class DataBundle:
     class_counts: dict[str, dict[str, dict[str, int]]]  # split -> task -> class -> count
     class_weights: Optional[dict[str, list[float]]] = None
     eval_transform: Optional[object] = None  # image -> tensor, deterministic (eval of other items)
+    pipeline: Optional[dict] = None  # the data path taken and why (data/pipeline.py; results.json "speed")

@@ -108,6 +108,7 @@ def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[
     every global training batch and its strided shard of val/test (``dist``)."""
     from .. import dist
     from . import TensorSplit
+    from .pipeline import ImageSplit
 
     d, w = cfg.dataset, dist.world()
     batch = dist.check_batch(cfg.batch_size)
@@ -115,7 +116,7 @@ def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[
     loaders = {}
     for name in ("train", "val", "test"):
         ds = getattr(bundle, name)
-        on_device = isinstance(ds, TensorSplit) and cuda
+        on_device = isinstance(ds, (TensorSplit, ImageSplit)) and cuda
         if on_device:
             ds = ds.to(device)  # data stays on the GPU: no per-batch host->device copies
         workers = d.num_workers if d.num_workers is not None else (

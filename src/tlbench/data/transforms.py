@@ -18,19 +18,29 @@ def build_transforms(spec: InputSpec, augment: str, native_size: int,
     Models that take the native size still get a fixed size when the images' sizes may
     differ (file datasets): the first image's size, so a batch can be stacked.
     """
-    size = spec.size if spec.resize and spec.size else native_size
+    size = model_size(spec, native_size)
     base = []
     if (spec.resize and spec.size) or varying_sizes:
         base.append(T.Resize((size, size)))
     tail = [T.ToTensor(), T.Normalize(list(spec.mean[: spec.channels]), list(spec.std[: spec.channels]))]
     aug = []  # flips are decided per (seed, epoch, item) by the sampler: data.SplitDataset(flip=True)
     if augment == "flip_crop":
-        aug.append(T.RandomCrop(size, padding=max(1, size // 8)))
+        aug.append(T.RandomCrop(size, padding=crop_padding(size)))
     if augment == "randaugment":
         aug.append(T.RandAugment())
     eval_tf = T.Compose([_ChannelFix(spec.channels), *base, *tail])
     train_tf = T.Compose([_ChannelFix(spec.channels), *base, *aug, *tail])
     return train_tf, eval_tf
+
+
+def model_size(spec: InputSpec, native_size: int) -> int:
+    """The square size images are fed at: the model's, or the native size for a model that takes it."""
+    return spec.size if spec.resize and spec.size else native_size
+
+
+def crop_padding(size: int) -> int:
+    """``augment=flip_crop``: the zero padding of the random crop (both data paths)."""
+    return max(1, size // 8)
 
 
 class _ChannelFix:
