@@ -117,3 +117,5 @@ class DataBundle:
     class_counts: dict[str, dict[str, dict[str, int]]]  # split -> task -> class -> count
     class_weights: Optional[dict[str, list[float]]] = None
     eval_transform: Optional[object] = None  # image -> tensor, deterministic (eval of other items)
+    # dataset.train_fraction / train_per_class: what was kept of the training split (None: all of it)
+    train_subset: Optional[dict] = None
