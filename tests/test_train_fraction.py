@@ -169,3 +169,148 @@ def test_run_records_the_subset(cli, tmp_path):
     assert r["train_subset"] == sub
     assert r["epochs"][0]["train"]["n"] == len(splits["train"])
     assert sum(r["class_counts"]["train"]["label"].values()) == len(splits["train"])
+
+
+# ----------------------------------------------------------------------------- the curve
+def _fake_curve(root: Path) -> dict:
+    """Fake finished runs: init_from (scratch | a CAE run dir) x train_fraction x seeds, known accuracies."""
+    import yaml
+
+    from test_compare import make_run
+
+    accs = {(None, 0.1): [0.50, 0.60, 0.55], (None, 0.5): [0.70, 0.80], (None, 1.0): [0.90],
+            ("/runs/pre/cae/0", 0.1): [0.65, 0.70, 0.75], ("/runs/pre/cae/0", 1.0): [0.92, 0.94]}
+    for (init, frac), values in accs.items():
+        for seed, acc in enumerate(values):
+            d = make_run(root, f"{init is not None}_{frac}_{seed}", seed=seed, acc=acc, config_hash=f"{init}{frac}{seed}",
+                         overrides=[f"dataset.train_fraction={frac}", f"seed={seed}"])
+            cfg = yaml.safe_load((d / ".hydra" / "config.yaml").read_text())
+            cfg["model"]["init_from"], cfg["dataset"]["train_fraction"] = init, frac
+            (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return accs
+
+
+def _stats(values):
+    import statistics
+
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+@pytest.mark.parametrize("errorbar", ["std", "ci", "none"])
+def test_curve_lines_are_the_tables_means(tmp_path, errorbar):
+    from matplotlib.collections import PathCollection, PolyCollection
+
+    from tlbench.compare import aggregate, collect_runs
+    from tlbench.tables import curve_series, figure, is_curve
+
+    accs = _fake_curve(tmp_path)
+    rows = aggregate(collect_runs([tmp_path])[0], "model.init_from,dataset.train_fraction")
+    assert is_curve(rows)
+    lines = curve_series(rows, 0, errorbar)
+    assert [line.label for line in lines] == ["…/cae/0", "scratch"]  # rows sort str before null
+    for line, init in zip(lines, ["/runs/pre/cae/0", None]):
+        fracs = sorted(f for i, f in accs if i == init)
+        assert line.x == fracs
+        for x, mean, err, n in zip(line.x, line.mean, line.err, line.n):
+            row = next(r for r in rows if r.values == (init, x))
+            assert mean == pytest.approx(100 * row.mean) == pytest.approx(100 * _stats(accs[init, x])[0])
+            want = {"std": row.std, "ci": row.ci95, "none": None}[errorbar]
+            assert err == (None if want is None else pytest.approx(100 * want)) and n == row.n
+        assert sorted((x, round(y, 6)) for x, y in line.runs) == sorted((f, round(100 * a, 6)) for f in fracs
+                                                                         for a in accs[init, f])
+    assert [line.x for line in curve_series(rows[::-1], 0, errorbar)][::-1] == [line.x for line in lines]  # ascending
+    (ax,) = figure(rows, errorbar=errorbar, xscale="log").axes
+    drawn = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+    assert drawn == {line.label: (line.x, pytest.approx(line.mean)) for line in lines}
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == (0 if errorbar == "none" else 2)
+    for band, line in zip(bands, lines):  # the band spans mean ± err where there is one
+        ys = band.get_paths()[0].vertices[:, 1]
+        spread = [(m - e, m + e) for m, e in zip(line.mean, line.err) if e is not None]
+        assert min(ys) == pytest.approx(min(lo for lo, _ in spread))
+        assert max(ys) == pytest.approx(max(hi for _, hi in spread))
+    dots = sorted(round(float(y), 6) for c in ax.collections if isinstance(c, PathCollection)
+                  for _, y in c.get_offsets())
+    assert dots == sorted(round(100 * a, 6) for vs in accs.values() for a in vs)
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "train fraction (log scale)"
+    assert ax.get_legend().get_title().get_text() == "init from"
+    band = {"std": ", band: 1 std", "ci": ", band: 95% CI (t, n-1)", "none": ""}[errorbar]
+    assert ax.get_title(loc="left") == f"line: mean{band}, dots: runs"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["…/cae/0", "scratch"]
+
+
+def test_not_a_curve_keeps_the_bars(tmp_path):
+    from tlbench.compare import aggregate, collect_runs, compare_main
+    from tlbench.tables import figure, is_curve
+
+    _fake_curve(tmp_path)
+    runs = collect_runs([tmp_path])[0]
+    rows = aggregate(runs, "dataset.train_fraction,model.init_from")  # last key not numeric
+    assert not is_curve(rows)
+    (ax,) = figure(rows).axes
+    assert ax.get_xlabel() == "train fraction, init from" and not ax.get_legend().get_title().get_text()
+    one = aggregate([r for r in runs if r.config["dataset"]["train_fraction"] == 0.1], "dataset.train_fraction")
+    assert not is_curve(one)  # one value: nothing to draw a line through
+    with pytest.raises(TlbenchError, match="--xscale 'ln': choose one of auto, linear, log"):
+        figure(rows, xscale="ln")
+    with pytest.raises(TlbenchError, match=r"--plot-kind curve: the last --by key \(model.init_from\) must be numeric"):
+        compare_main([str(tmp_path), "--by", "dataset.train_fraction,model.init_from", "--plot",
+                      str(tmp_path / "x.png"), "--plot-kind", "curve"])
+    curve = aggregate(runs, "model.init_from,dataset.train_fraction")
+    assert figure(curve).axes[0].get_xlabel() == "train fraction"  # numeric last key: a curve by default ...
+    assert figure(curve, kind="bars").axes[0].get_xlabel() == "init from, train fraction"  # ... bars when asked
+
+
+def test_xscale_auto_is_log_when_the_values_span_more_than_10x(tmp_path):
+    from tlbench.compare import aggregate, collect_runs, compare_main
+    from tlbench.tables import figure
+
+    _fake_curve(tmp_path)  # 0.1 .. 1.0
+    rows = aggregate(collect_runs([tmp_path])[0], "model.init_from,dataset.train_fraction")
+    assert figure(rows).axes[0].get_xscale() == "linear"
+    assert figure(rows, xscale="log").axes[0].get_xscale() == "log"
+    svg = tmp_path / "c.svg"
+    assert compare_main([str(tmp_path), "--by", "model.init_from,dataset.train_fraction", "--plot", str(svg),
+                         "--xscale", "log"]) == 0
+    assert "train fraction (log scale)" in svg.read_text()
+    wide = [r for r in rows if r.values[1] != 0.5]
+    for r in wide:
+        r.values = (r.values[0], r.values[1] / 10 if r.values[1] < 1 else r.values[1])  # 0.01 .. 1.0
+    assert figure(wide).axes[0].get_xscale() == "log"
+    assert [t.get_text() for t in figure(wide).axes[0].get_xticklabels()] == ["0.01", "1"]
+
+
+@pytest.mark.slow
+def test_small_sweep_gives_the_curve(tmp_path, capsys):
+    """-m dataset.train_fraction=0.5,1.0 seed=0,1 on the embedded digits, 1 epoch: val/test the same
+    items in every run, the 50 % runs train on half, and compare draws one line through both fractions."""
+    from tlbench.cli import main
+    from tlbench.compare import aggregate, collect_runs, compare_main
+    from tlbench.tables import curve_series
+
+    sweep = tmp_path / "sweep"
+    assert main(["-m", "dataset.train_fraction=0.5,1.0", "seed=0,1", "trainer.max_epochs=1", "trainer.progress=false",
+                 f"hydra.sweep.dir={sweep}"]) == 0
+    runs, problems = collect_runs([sweep])
+    assert problems == [] and len(runs) == 4
+    splits = {(r.config["dataset"]["train_fraction"], r.config["seed"]): json.loads((r.path / "splits.json").read_text())
+              for r in runs}
+    for s in splits.values():
+        assert (s["val"], s["test"]) == (splits[1.0, 0]["val"], splits[1.0, 0]["test"])
+    assert splits[1.0, 0]["train"] == splits[1.0, 1]["train"]
+    for seed in (0, 1):
+        assert set(splits[0.5, seed]["train"]) < set(splits[1.0, seed]["train"])
+        assert abs(len(splits[0.5, seed]["train"]) - len(splits[1.0, seed]["train"]) / 2) <= 10
+    assert splits[0.5, 0]["train"] != splits[0.5, 1]["train"]
+    rows = aggregate(runs, "dataset.train_fraction")
+    assert all(r.warnings == [] for r in rows)  # the seeds' different subsets are by design, not "other data"
+    (line,) = curve_series(rows, 0, "std")
+    assert line.x == [0.5, 1.0] and line.n == [2, 2]
+    for x, mean in zip(line.x, line.mean):
+        accs = [results(r.path)["test"]["label"]["accuracy"] for r in runs
+                if r.config["dataset"]["train_fraction"] == x]
+        assert mean == pytest.approx(100 * sum(accs) / 2)
+    out = tmp_path / "curve.png"
+    assert compare_main([str(sweep), "--by", "dataset.train_fraction", "--plot", str(out), "--errorbar", "std"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| train fraction |" in capsys.readouterr().out
