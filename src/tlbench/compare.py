@@ -17,7 +17,7 @@ Pure pieces, usable from tests and notebooks without the CLI:
   wall time per run (the one-off feature pass included), seconds per epoch, training images per
   second (only for runs that trained on images); warnings per group.
 - ``tables.render(rows, fmt, problems=())`` -> Markdown, CSV or LaTeX text; ``tables.plot(rows, path,
-  errorbar, size, xscale)`` -> PNG / PDF / SVG: bars per group, or a curve when the last ``--by``
+  errorbar, size, xscale, kind)`` -> PNG / PDF / SVG: bars per group, or a curve when the last ``--by``
   key is numeric (``tables.curve_series``: the lines it draws).
 """
 
@@ -32,8 +32,8 @@ from typing import Optional, Sequence
 
 from .errors import TlbenchError
 from .runs import Run, collect_runs
-from .tables import (_MISSING, ERRORBARS, FORMATS, PLOT_KINDS, XSCALES, Metric, Row, Stat, figure_size, key_texts,
-                     notes, plot, plot_paths, render)
+from .tables import (_MISSING, ERRORBARS, FORMATS, PLOT_KINDS, XSCALES, Metric, Row, Stat, figure_size, is_number,
+                     key_texts, notes, plot, plot_paths, render)
 
 ALIASES = {"model": "model.name", "freeze": "freeze.name", "dataset": "dataset.name", "optim": "optim.name",
            "sched": "sched.name"}
@@ -104,12 +104,8 @@ def _numeric_metrics(results: dict) -> dict:
     for split in SPLITS:
         for task, m in (results.get(split) or {}).items():
             if isinstance(m, dict):
-                out.setdefault(split, {})[task] = [k for k, v in m.items() if k != "n" and _is_number(v)]
+                out.setdefault(split, {})[task] = [k for k, v in m.items() if k != "n" and is_number(v)]
     return out
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def resolve_metric(runs: Sequence[Run], metric: Optional[str]) -> Metric:
@@ -185,7 +181,7 @@ def _run_numbers(r: Run) -> dict:
     feature_s = time_.get("feature_cache_s") if cached else None
     total = time_.get("total_s")
     partial = False
-    if _is_number(total):
+    if is_number(total):
         floor = sum(float(e.get("train_seconds") or 0) + float(e.get("val_seconds") or 0) for e in epochs)
         floor += feature_s or 0.0
         if floor > total or _resumed(r):
@@ -251,7 +247,7 @@ def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metrics: Seq
 
 def _metric_value(r: Run, metric: Metric) -> Optional[float]:
     v = ((r.results.get(metric.split) or {}).get(metric.task) or {}).get(metric.name)
-    return float(v) if _is_number(v) else None
+    return float(v) if is_number(v) else None
 
 
 def _sort_key(values: tuple):

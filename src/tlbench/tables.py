@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,14 +345,15 @@ class Series:
     runs: list  # (x, value) of every run
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
+    """An int or float value (not a bool): a metric, or a config value a curve can have on its x axis."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def is_curve(rows: Sequence[Row]) -> bool:
     """Whether the plot is a curve: the last ``--by`` key has numbers only, at least two of them."""
     values = [r.values[-1] for r in rows if r.values and any(s.mean is not None for s in r.stats)]
-    return bool(values) and all(_is_number(v) for v in values) and len(set(values)) > 1
+    return bool(values) and all(is_number(v) for v in values) and len(set(values)) > 1
 
 
 def legend_text(key: str, value, shown: str) -> str:
@@ -390,8 +392,6 @@ def curve_series(rows: Sequence[Row], k: int = 0, errorbar: str = "ci") -> list[
 
 def _curve_panel(ax, rows: Sequence[Row], k: int, errorbar: str, xscale: str) -> None:
     """One panel of a curve: per series its means as a line, the band (``errorbar``) and the runs as dots."""
-    import math
-
     lines = curve_series(rows, k, errorbar)
     for i, line in enumerate(lines):
         color = f"C{i}"
@@ -402,14 +402,7 @@ def _curve_panel(ax, rows: Sequence[Row], k: int, errorbar: str, xscale: str) ->
             ax.fill_between(line.x, lo, hi, color=color, alpha=0.2, linewidth=0, zorder=1)
         ax.scatter([x for x, _ in line.runs], [y for _, y in line.runs], s=9, color=color, alpha=0.6,
                    linewidths=0, zorder=2)
-    xs = sorted({x for line in lines for x in line.x})
-    if xscale == "auto":
-        xscale = "log" if xs[0] > 0 and xs[-1] / xs[0] > 10 else "linear"
-    ax.set_xscale(xscale)
-    ax.set_xticks(xs)
-    ax.set_xticklabels([_show(float(x)) for x in ax.get_xticks()])
-    ax.minorticks_off()
-    ax.set_xlabel(key_headers(rows[0].by)[-1] + (" (log scale)" if xscale == "log" else ""))
+    _curve_xaxis(ax, sorted({x for line in lines for x in line.x}), xscale, key_headers(rows[0].by)[-1])
     ys = [y for line in lines for y in line.mean + [v for _, v in line.runs]]
     pad = 0.15 * (max(ys) - min(ys) or 1.0)
     ax.set_ylim(min(ys) - pad, max(ys) + pad)  # the runs decide the range; a wide interval may leave it
@@ -417,6 +410,17 @@ def _curve_panel(ax, rows: Sequence[Row], k: int, errorbar: str, xscale: str) ->
     ax.set_title(what, loc="left", fontsize="small")
     others = key_headers(rows[0].by[:-1])
     ax.legend(loc="best", frameon=False, title=others[0] if len(others) == 1 else None)
+
+
+def _curve_xaxis(ax, xs: list, xscale: str, header: str) -> None:
+    """Ticks at the curve's x values; ``auto``: log when they are positive and span more than 10x."""
+    if xscale == "auto":
+        xscale = "log" if xs[0] > 0 and xs[-1] / xs[0] > 10 else "linear"
+    ax.set_xscale(xscale)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([_show(float(x)) for x in xs])
+    ax.minorticks_off()
+    ax.set_xlabel(header + (" (log scale)" if xscale == "log" else ""))
 
 
 def figure(rows: Sequence[Row], errorbar: str = "ci", size: str = "two", xscale: str = "auto", kind: str = "auto"):
