@@ -176,7 +176,7 @@ def _bars(ax):
 def test_error_bars_are_the_interval_asked_for(lr_sweep, kind):
     root, accs = lr_sweep
     rows = aggregate(collect_runs([root])[0])
-    fig = figure(rows, errorbar=kind)
+    fig = figure(rows, errorbar=kind, kind="bars")  # (optim.lr is numeric: auto would draw a curve)
     (ax,) = fig.axes
     bars = _bars(ax)
     assert sorted(bars) == [0, 1]  # categorical x (params equal); n=1 has no interval, so no bar
@@ -195,7 +195,7 @@ def test_error_bars_are_the_interval_asked_for(lr_sweep, kind):
     assert dots == sorted(round(100 * v, 6) for vs in accs.values() for v in vs)
     assert ax.get_ylabel() == "test accuracy (label) [%]" and ax.get_xlabel() == "lr"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.001\nn=3", "0.01\nn=2", "0.1\nn=1"]
-    assert not _bars(figure(rows, errorbar="none").axes[0])
+    assert not _bars(figure(rows, errorbar="none", kind="bars").axes[0])
 
 
 def test_plot_panels_params_axis_and_sizes(sweep_params, tmp_path):
@@ -229,7 +229,8 @@ def _png_size(path) -> tuple[int, int]:
 def test_plot_files_png_pdf_svg(lr_sweep, tmp_path):
     root, _ = lr_sweep
     rows = aggregate(collect_runs([root])[0])
-    paths = plot(rows, [tmp_path / "f.png", tmp_path / "f.pdf", tmp_path / "f.svg"], errorbar="std", size="one")
+    paths = plot(rows, [tmp_path / "f.png", tmp_path / "f.pdf", tmp_path / "f.svg"], errorbar="std", size="one",
+                 kind="bars")
     assert [p.name for p in paths] == ["f.png", "f.pdf", "f.svg"]
     assert _png_size(tmp_path / "f.png") == (1050, 780)  # 3.5 x 2.6 in at 300 dpi
     pdf = (tmp_path / "f.pdf").read_bytes()
@@ -246,7 +247,8 @@ def test_plot_files_png_pdf_svg(lr_sweep, tmp_path):
 def test_plot_from_the_command_line(lr_sweep, tmp_path, capsys):
     root, _ = lr_sweep
     out = tmp_path / "figs" / "lr"
-    assert compare_main([str(root), "--plot", f"{out}.png,{out}.svg", "--errorbar", "std", "--size", "one"]) == 0
+    assert compare_main([str(root), "--plot", f"{out}.png,{out}.svg", "--errorbar", "std", "--size", "one",
+                         "--plot-kind", "bars"]) == 0
     assert f"wrote {out}.png, {out}.svg (error bars: mean ± 1 std)" in capsys.readouterr().out
     assert _png_size(out.with_suffix(".png"))[0] == 1050
     assert "mean ± 1 std" in "".join(ET.parse(f"{out}.svg").getroot().itertext())

@@ -67,6 +67,9 @@ CASES = [
     C("lr-negative", "optim.lr=-0.1", expect=("optim.lr=-0.1", "> 0")),
     C("max-epochs-zero", "trainer.max_epochs=0", expect=("trainer.max_epochs=0", ">= 1")),
     C("val-fraction-above-1", "dataset.val_fraction=1.5", expect=("dataset.val_fraction=1.5", "<= 1")),
+    C("train-fraction-zero", "dataset.train_fraction=0", expect=("dataset.train_fraction=0.0", "> 0.0")),
+    C("train-fraction-and-per-class", "dataset.train_fraction=0.5", "dataset.train_per_class=3",
+      expect=("dataset.train_fraction=0.5 and dataset.train_per_class=3", "set one of them")),
     C("fractions-leave-no-train", "dataset.val_fraction=0.5", "dataset.test_fraction=0.5",
       expect=("dataset.val_fraction + dataset.test_fraction", "less than 1")),
     C("precision", "trainer.precision=8", expect=("trainer.precision='8'", "16-mixed")),
@@ -135,6 +138,8 @@ CASES = [
     # ------------------------------------------------------------------ datasets
     C("task-unknown", *SMOKE, "dataset.task=nosuchtask", expect=("nosuchtask", "'label'")),
     C("split-empty", *SMOKE, "dataset.val_fraction=0.0001", expect=("val", "dataset.val_fraction")),
+    C("train-fraction-too-small", *SMOKE, "dataset.train_fraction=0.002",
+      expect=("dataset.train_fraction=0.002 keeps no training item", "dataset.train_per_class=1")),
     C("root-not-set", *SMOKE, "dataset=image_folder", "dataset.root=null",
       expect=("dataset.root is not set", "image_folder")),
     C("root-missing", *SMOKE, "dataset=image_folder", "dataset.root={w}/nosuchdir", expect=("{w}/nosuchdir",)),

@@ -101,6 +101,7 @@ GRIDS = {
                                "seed": ["0", "1", "2", "3", "4"]},
     "chest_xray_fe_vs_ft": {"freeze": ["linear_probe", "full"], "model.pretrained": ["True", "False"]},
     "digits_mlp": {},
+    "english_to_thai": {"dataset.train_fraction": ["0.1", "0.25", "1.0"], "seed": ["0", "1", "2"]},
 }
 
 
@@ -186,6 +187,8 @@ CHECKS = {
     "emnist_small_cnn": lambda r: "top3_accuracy" in r["test"]["label"],
     "emnist_small_cnn_final": lambda r: "top3_accuracy" in r["test"]["label"],
     "thai_multitask": _check_thai,
+    "english_to_thai": lambda r: set(r["tasks"]) == {"digit"} and r["train_subset"] is None
+    and sum(r["class_counts"]["test"]["digit"].values()) == 12,  # Thai only: 15 % of 80 fixture images
     "chest_xray_fe_vs_ft": _check_chest,
 }
 

@@ -43,7 +43,7 @@ def build_everything(cfg: Config):
     from .freeze import apply_freeze
 
     backbone = build_backbone(cfg.model)
-    bundle = build_data(cfg.dataset, backbone.input_spec, open_store(cfg.trainer.feature_store))
+    bundle = build_data(cfg.dataset, backbone.input_spec, open_store(cfg.trainer.feature_store), seed=cfg.seed)
     check_tasks(cfg, bundle.tasks)  # eval.topk / eval.positive_class need the classes: before any training
     sample = torch.stack([bundle.train[i][0] for i in range(min(2, len(bundle.train)))])
     model = build_model(backbone, {t: len(n) for t, n in bundle.tasks.items()}, cfg.head, sample)

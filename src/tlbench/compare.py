@@ -3,6 +3,7 @@
     tlbench compare SWEEP_DIR|RUN_DIR... [--by model,freeze] [--metric test/accuracy[,test/macro_f1]]
                     [--format md|csv|latex] [--out FILE] [--plot FILE.png[,FILE.pdf]]
                     [--errorbar ci|std|none] [--size one|two|WxH]
+                    [--plot-kind auto|bars|curve] [--xscale auto|linear|log]
 
 Pure pieces, usable from tests and notebooks without the CLI:
 
@@ -16,7 +17,8 @@ Pure pieces, usable from tests and notebooks without the CLI:
   wall time per run (the one-off feature pass included), seconds per epoch, training images per
   second (only for runs that trained on images); warnings per group.
 - ``tables.render(rows, fmt, problems=())`` -> Markdown, CSV or LaTeX text; ``tables.plot(rows, path,
-  errorbar, size)`` -> PNG / PDF / SVG.
+  errorbar, size, xscale, kind)`` -> PNG / PDF / SVG: bars per group, or a curve when the last ``--by``
+  key is numeric (``tables.curve_series``: the lines it draws).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from typing import Optional, Sequence
 
 from .errors import TlbenchError
 from .runs import Run, collect_runs
-from .tables import (_MISSING, ERRORBARS, FORMATS, Metric, Row, Stat, figure_size, key_texts, notes, plot,
-                     plot_paths, render)
+from .tables import (_MISSING, ERRORBARS, FORMATS, PLOT_KINDS, XSCALES, Metric, Row, Stat, figure_size, is_number,
+                     key_texts, notes, plot, plot_paths, render)
 
 ALIASES = {"model": "model.name", "freeze": "freeze.name", "dataset": "dataset.name", "optim": "optim.name",
            "sched": "sched.name"}
@@ -102,12 +104,8 @@ def _numeric_metrics(results: dict) -> dict:
     for split in SPLITS:
         for task, m in (results.get(split) or {}).items():
             if isinstance(m, dict):
-                out.setdefault(split, {})[task] = [k for k, v in m.items() if k != "n" and _is_number(v)]
+                out.setdefault(split, {})[task] = [k for k, v in m.items() if k != "n" and is_number(v)]
     return out
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def resolve_metric(runs: Sequence[Run], metric: Optional[str]) -> Metric:
@@ -183,7 +181,7 @@ def _run_numbers(r: Run) -> dict:
     feature_s = time_.get("feature_cache_s") if cached else None
     total = time_.get("total_s")
     partial = False
-    if _is_number(total):
+    if is_number(total):
         floor = sum(float(e.get("train_seconds") or 0) + float(e.get("val_seconds") or 0) for e in epochs)
         floor += feature_s or 0.0
         if floor > total or _resumed(r):
@@ -198,10 +196,17 @@ def _run_numbers(r: Run) -> dict:
             "feature_reused": bool(cached and fc.get("reused"))}
 
 
+def data_fingerprint(results: dict) -> str:
+    """The data a run's numbers compare on: its splits before a training subset
+    (``dataset.train_fraction``/``train_per_class`` draw another subset per seed, by design)."""
+    subset = results.get("train_subset") or {}
+    return str(subset.get("full_fingerprint") or results.get("dataset_fingerprint"))
+
+
 def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metrics: Sequence[Metric],
                     nums: Sequence[dict] = ()) -> list[str]:
     out = []
-    prints = sorted({str(r.results.get("dataset_fingerprint")) for r in runs})
+    prints = sorted({data_fingerprint(r.results) for r in runs})
     if len(prints) > 1:
         out.append(f"{label}: runs trained on different data (dataset_fingerprint {', '.join(prints)}); "
                    f"their numbers are not comparable")
@@ -242,7 +247,7 @@ def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metrics: Seq
 
 def _metric_value(r: Run, metric: Metric) -> Optional[float]:
     v = ((r.results.get(metric.split) or {}).get(metric.task) or {}).get(metric.name)
-    return float(v) if _is_number(v) else None
+    return float(v) if is_number(v) else None
 
 
 def _sort_key(values: tuple):
@@ -299,7 +304,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the table to FILE instead of stdout")
     p.add_argument("--plot", help="write a figure (.png, .pdf or .svg; several: a.png,a.pdf): each group's mean "
                    "with error bars and its runs as dots, against trainable parameters when they differ, "
-                   "else by group; one panel per metric")
+                   "else by group; one panel per metric. When the last --by key is numeric (e.g. "
+                   "dataset.train_fraction), a curve: one line per value of the other --by keys, the error "
+                   "as a band")
+    p.add_argument("--plot-kind", default="auto", choices=list(PLOT_KINDS),
+                   help="auto (default): a curve when the last --by key is numeric with two or more values, "
+                   "else bars; bars or curve to choose")
+    p.add_argument("--xscale", default="auto", choices=list(XSCALES),
+                   help="the x axis of a curve: auto (default: log when the values are positive and span more "
+                   "than 10x), linear or log")
     p.add_argument("--errorbar", default="ci", choices=list(ERRORBARS),
                    help="the plot's error bars: ci = 95%% CI, the table's interval (default), std, none")
     p.add_argument("--size", default="two", help="the plot's size: one (3.5 in wide, one column of a paper), "
@@ -336,7 +349,7 @@ def compare_main(argv: list[str]) -> int:
         for n in notes(rows, problems):
             print(n if n.startswith("not finished") else f"warning: {n}", file=sys.stderr)
     if plots:
-        plot(rows, plots, args.errorbar, args.size)
+        plot(rows, plots, args.errorbar, args.size, args.xscale, args.plot_kind)
         bars = f"mean ± {ERRORBARS[args.errorbar]}" if ERRORBARS[args.errorbar] else "none"
         print(f"wrote {', '.join(map(str, plots))} (error bars: {bars})")
     return 0

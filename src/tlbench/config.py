@@ -43,6 +43,8 @@ class DatasetConfig:
     stratify: bool = True
     split_seed: int = 0  # splits depend on this only, never on the training seed
     limit_per_class: Optional[int] = None
+    train_fraction: float = 1.0  # keep this stratified part of the training split (val/test untouched)
+    train_per_class: Optional[int] = None  # or at most N training items per class (not with train_fraction)
     batch_size: Optional[int] = None  # overrides trainer.batch_size when set
     num_workers: Optional[int] = None  # None = auto (0 on CPU, a few on CUDA)
     pin_memory: Optional[bool] = None
@@ -301,6 +303,14 @@ def validate(cfg: Config) -> Config:
             "leaves no training data; the two must add up to less than 1 (e.g. 0.15 and 0.15)"
         )
     _check_range("dataset.limit_per_class", d.limit_per_class, 1)
+    _check_range("dataset.train_fraction", d.train_fraction, 0.0, 1.0, lo_open=True,
+                 why="the part of the training split kept; 1 keeps all, e.g. 0.1 for 10 %")
+    _check_range("dataset.train_per_class", d.train_per_class, 1, why="training items kept per class")
+    if d.train_per_class is not None and d.train_fraction != 1.0:
+        raise TlbenchError(
+            f"dataset.train_fraction={d.train_fraction:g} and dataset.train_per_class={d.train_per_class} both "
+            "shrink the training split; set one of them (the other at its default: train_fraction=1.0, "
+            "train_per_class=null)")
     _check_range("dataset.batch_size", d.batch_size, 1)
     _check_range("dataset.num_workers", d.num_workers, 0)
     _check_choice("optim.name", o.name, OPTIMIZERS)

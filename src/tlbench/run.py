@@ -339,6 +339,7 @@ def _write_run_files(cfg: Config, run_dir: Path, bundle) -> None:
     write_json(run_dir / "splits.json", {
         "split_seed": cfg.dataset.split_seed, "dataset": cfg.dataset.name,
         "fingerprint": bundle.fingerprint, **bundle.splits,
+        **({"train_subset": bundle.train_subset} if bundle.train_subset else {}),
     })
 
 
@@ -376,6 +377,7 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
         "params": {"total": plan.total, "trainable": plan.trainable_count},
         "weights_source": getattr(state.model.backbone, "weights_source", None),
         "tasks": bundle.tasks, "class_counts": bundle.class_counts, "skipped_images": bundle.source.skipped,
+        "train_subset": bundle.train_subset,
         "monitor": cfg.trainer.monitor, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
         "early_stopped": state.epoch < cfg.trainer.max_epochs,
         "feature_cache": ctx.feature_cache,

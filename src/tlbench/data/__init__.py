@@ -23,7 +23,7 @@ from ..errors import TlbenchError, choices
 from ..models.base import InputSpec
 from .base import DataBundle, Source, unpack
 from .pipeline import ImageSplit, choose, tensor_splits
-from .splits import limit_per_class, make_splits
+from .splits import limit_per_class, make_splits, subset_seed, train_subset
 from .transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,22 @@ def _native_size(source: Source) -> int:
     return int(max(source.image(0).size))
 
 
+def _shrink_train(cfg: DatasetConfig, source: Source, strat: np.ndarray, splits: dict, seed: int):
+    """``dataset.train_fraction`` / ``train_per_class``: (splits with the kept training items, the
+    record for splits.json and results.json, or None when the whole training split is used)."""
+    if cfg.train_per_class is None and cfg.train_fraction >= 1.0:
+        return splits, None
+    kept = train_subset(strat, splits["train"], seed=subset_seed(cfg.split_seed, seed),
+                        fraction=cfg.train_fraction, per_class=cfg.train_per_class)
+    record = {"train_fraction": cfg.train_fraction, "train_per_class": cfg.train_per_class,
+              "seed": [cfg.split_seed, seed], "n": len(kept), "n_full": len(splits["train"]),
+              "full_fingerprint": source.fingerprint(splits)}
+    log.info("training subset: %d of %d training items (%s; seeded by split_seed=%d and seed=%d)", len(kept),
+             len(splits["train"]), f"train_fraction={cfg.train_fraction:g}" if cfg.train_per_class is None
+             else f"train_per_class={cfg.train_per_class}", cfg.split_seed, seed)
+    return {**splits, "train": kept.tolist()}, record
+
+
 def _loader_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetConfig, train_tf, eval_tf) -> dict:
     """The DataLoader path: per-item transforms; deterministic splits that fit are precomputed."""
     datasets = {}
@@ -177,9 +193,11 @@ def _make_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetCon
     return datasets, eval_tf, record
 
 
-def build_data(cfg: DatasetConfig, spec: InputSpec, store=None) -> DataBundle:
+def build_data(cfg: DatasetConfig, spec: InputSpec, store=None, seed: int = 0) -> DataBundle:
     """Load, select tasks, split, transform. Pure: no training state involved. ``store``: where
-    the tensor path keeps decoded file datasets (a ``store.FeatureStore``; None: not on disk)."""
+    the tensor path keeps decoded file datasets (a ``store.FeatureStore``; None: not on disk).
+    ``seed`` (the run's ``seed``) only chooses the training subset of ``dataset.train_fraction`` /
+    ``train_per_class``."""
     source = load_source(cfg)
     tasks = select_tasks(source, cfg.task)
     strat = _stratify_labels(source, tasks)
@@ -196,6 +214,7 @@ def build_data(cfg: DatasetConfig, spec: InputSpec, store=None) -> DataBundle:
         len(source), strat, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         official_test=official, seed=cfg.split_seed, stratify=cfg.stratify, pool=pool,
     )
+    splits, subset = _shrink_train(cfg, source, strat, splits, seed)
     datasets, eval_tf, pipeline_record = _make_splits(source, splits, tasks, cfg, spec, store)
     counts = _class_counts(source, splits, tasks)
     for name in splits:
@@ -211,5 +230,5 @@ def build_data(cfg: DatasetConfig, spec: InputSpec, store=None) -> DataBundle:
         train=datasets["train"], val=datasets["val"], test=datasets["test"],
         tasks={t: list(source.tasks[t]) for t in tasks}, splits=splits, source=source,
         fingerprint=source.fingerprint(splits), class_counts=counts, class_weights=weights,
-        eval_transform=eval_tf, pipeline=pipeline_record,
+        eval_transform=eval_tf, pipeline=pipeline_record, train_subset=subset,
     )

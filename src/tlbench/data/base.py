@@ -123,3 +123,5 @@ class DataBundle:
     class_weights: Optional[dict[str, list[float]]] = None
     eval_transform: Optional[object] = None  # image -> tensor, deterministic (eval of other items)
     pipeline: Optional[dict] = None  # the data path taken and why (data/pipeline.py; results.json "speed")
+    # dataset.train_fraction / train_per_class: what was kept of the training split (None: all of it)
+    train_subset: Optional[dict] = None
