@@ -340,7 +340,9 @@ def _make_task(debug: bool):
             sys.exit(128 + e.signum)
         _print_summary(run_dir, results, sweeping, Path(hc.sweep.dir) if sweeping else None)
         first = next(iter(results["val"].values()))
-        return float(first["accuracy"])  # the objective for sweepers (validation, never test)
+        # the objective for sweepers (validation, never test; higher is better): accuracy, or a
+        # reconstruction's PSNR
+        return float(first["accuracy"] if "accuracy" in first else first["psnr"])
 
     return task
 
