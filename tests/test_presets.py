@@ -101,6 +101,8 @@ GRIDS = {
                                "seed": ["0", "1", "2", "3", "4"]},
     "chest_xray_fe_vs_ft": {"freeze": ["linear_probe", "full"], "model.pretrained": ["True", "False"]},
     "digits_mlp": {},
+    "emnist_cae_transfer": {"model": ["cnn"], "model.init_from": ["outputs/emnist_cae_transfer/cae", "null"],
+                            "freeze": ["linear_probe", "full"], "seed": ["0", "1", "2"]},
 }
 
 
@@ -187,6 +189,7 @@ CHECKS = {
     "emnist_small_cnn_final": lambda r: "top3_accuracy" in r["test"]["label"],
     "thai_multitask": _check_thai,
     "chest_xray_fe_vs_ft": _check_chest,
+    "emnist_cae_transfer": lambda r: set(r["test"]["reconstruction"]) >= {"mse", "psnr", "ssim"},  # step 1: the cae
 }
 
 

@@ -166,3 +166,25 @@ def test_a_cae_can_start_from_a_classifier_backbone(sources):
     src = _backbone(_best(sources / "cnn"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in src.items())
     assert json.dumps(model.transfer)  # JSON-able for results.json
+
+
+def test_emnist_cae_transfer_recipe_two_steps(cli, tmp_path, capsys):
+    """The preset's step 2 before step 1: exit 2 naming the checkpoint and the first step; after
+    step 1 (the cae) a step-2 job (cnn, frozen encoder) loads it."""
+    from tlbench.cli import main
+
+    root = tmp_path / "emnist"
+    fx.write_emnist(root, n_train=47 * 6, n_test=47)
+    data = [f"dataset.root={root}", "trainer=smoke"]
+    step1 = tmp_path / "outputs" / "emnist_cae_transfer" / "cae"
+    step2 = ["experiment=emnist_cae_transfer", "model=cnn", f"model.init_from={step1}", "freeze=linear_probe", *data]
+    code, _ = cli(*step2, run_dir=tmp_path / "early")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint at {step1 / 'checkpoints' / 'best.pt'}" in err
+    assert "`tlbench experiment=emnist_cae_transfer`" in err
+    assert main(["experiment=emnist_cae_transfer", *data, f"hydra.run.dir={step1}", "trainer.progress=false"]) == 0
+    code, run_dir = cli(*step2, run_dir=tmp_path / "job")
+    assert code == 0
+    r = results(run_dir)
+    assert r["init_from"]["model"] == "cae" and r["params"]["trainable"] == 64 * 47 + 47
