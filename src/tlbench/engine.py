@@ -142,7 +142,8 @@ class _Sums:
         z = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         self.loss, self.task_loss = z(), {t: z() for t in tasks}
         # hits of the tasks the objective scores (classification: every task; reconstruction: none)
-        self.correct = {t: torch.zeros((), dtype=torch.int64, device=device) for t in (tasks if scored is None else scored)}
+        scored = tasks if scored is None else scored
+        self.correct = {t: torch.zeros((), dtype=torch.int64, device=device) for t in scored}
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite loss
         self.bad_value = z()
 
