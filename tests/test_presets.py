@@ -102,6 +102,8 @@ GRIDS = {
     "chest_xray_fe_vs_ft": {"freeze": ["linear_probe", "full"], "model.pretrained": ["True", "False"]},
     "digits_mlp": {},
     "english_to_thai": {"dataset.train_fraction": ["0.1", "0.25", "1.0"], "seed": ["0", "1", "2"]},
+    "emnist_cae_transfer": {"model": ["cnn"], "model.init_from": ["outputs/emnist_cae_transfer/cae", "null"],
+                            "freeze": ["linear_probe", "full"], "seed": ["0", "1", "2"]},
 }
 
 
@@ -190,6 +192,7 @@ CHECKS = {
     "english_to_thai": lambda r: set(r["tasks"]) == {"digit"} and r["train_subset"] is None
     and sum(r["class_counts"]["test"]["digit"].values()) == 12,  # Thai only: 15 % of 80 fixture images
     "chest_xray_fe_vs_ft": _check_chest,
+    "emnist_cae_transfer": lambda r: set(r["test"]["reconstruction"]) >= {"mse", "psnr", "ssim"},  # step 1: the cae
 }
 
 

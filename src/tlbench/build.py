@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import Config, check_tasks
+from .config import Config, check_tasks, is_reconstruction
 from .data import build_data
-from .models import build_backbone, build_model
+from .models import build_backbone, build_task_model
 from .store import open_store
 
 
@@ -39,14 +39,22 @@ def versions() -> dict:
 
 
 def build_everything(cfg: Config):
-    """Data, model and freeze plan from the config (no training state)."""
+    """Data, model and freeze plan from the config (no training state). A reconstruction run
+    (``model=cae``) has one task, ``reconstruction``, with no classes (its labels are not used).
+    ``model.init_from`` is loaded here, before the freeze plan (``transfer.apply``)."""
     from .freeze import apply_freeze
+    from .transfer import apply as apply_transfer
 
     backbone = build_backbone(cfg.model)
     bundle = build_data(cfg.dataset, backbone.input_spec, open_store(cfg.trainer.feature_store), seed=cfg.seed)
+    if is_reconstruction(cfg):
+        from .models.cae import RECON_TASK
+
+        bundle.tasks = {RECON_TASK: []}
     check_tasks(cfg, bundle.tasks)  # eval.topk / eval.positive_class need the classes: before any training
     sample = torch.stack([bundle.train[i][0] for i in range(min(2, len(bundle.train)))])
-    model = build_model(backbone, {t: len(n) for t, n in bundle.tasks.items()}, cfg.head, sample)
+    model = build_task_model(cfg.model, backbone, {t: len(n) for t, n in bundle.tasks.items()}, cfg.head, sample)
+    apply_transfer(model, cfg, tuple(sample.shape[1:]))
     plan = apply_freeze(model, cfg.freeze, cfg.optim)
     return bundle, model, plan
 

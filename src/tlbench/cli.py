@@ -359,8 +359,10 @@ def _make_task(debug: bool):
 
 
 def _objective(results: dict) -> float:
+    """The objective for sweepers (validation, never test; higher is better): accuracy, or a
+    reconstruction's PSNR."""
     first = next(iter(results["val"].values()))
-    return float(first["accuracy"])  # the objective for sweepers (validation, never test)
+    return float(first["accuracy"] if "accuracy" in first else first["psnr"])
 
 
 def _shared_run_dir(run_dir: Path) -> Path:

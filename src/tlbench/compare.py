@@ -109,8 +109,11 @@ def _numeric_metrics(results: dict) -> dict:
 
 
 def resolve_metric(runs: Sequence[Run], metric: Optional[str]) -> Metric:
-    """``split/name[/task]`` (default ``test/accuracy`` of the first task) -> :class:`Metric`."""
+    """``split/name[/task]`` (default ``test/accuracy`` of the first task; ``test/mse`` for
+    reconstruction runs, which have no accuracy) -> :class:`Metric`."""
     found = [_numeric_metrics(r.results) for r in runs]
+    if metric is None and not any("accuracy" in ns for f in found for ns in f.get("test", {}).values()):
+        metric = "test/mse" if any("mse" in ns for f in found for ns in f.get("test", {}).values()) else None
     names = sorted({f"{s}/{n}" for f in found for s, tasks in f.items() for ns in tasks.values() for n in ns})
     tasks = list(dict.fromkeys(t for f in found for s in f.values() for t in s))
     parts = (metric or "test/accuracy").strip("/").split("/")

@@ -27,6 +27,9 @@ PIPELINES = ("auto", "tensor", "loader")  # data/pipeline.py
 SWITCHES = ("auto", "true", "false")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")  # speed.optimizer_kwargs
 MONITORS = ("val/loss", "val/accuracy", "val/macro_f1")  # the mode (min for loss, else max) follows the name
+RECONSTRUCTION_MODELS = ("cae",)  # models trained to reconstruct their input (tlbench.recon), not to classify
+LOSSES = {"classification": ("auto", "cross_entropy"), "reconstruction": ("auto", "mse", "bce")}
+INIT_PARTS = ("backbone", "encoder", "all")  # what model.init_from loads (tlbench.transfer)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class ModelConfig:
     pretrained: bool = False
     weights: Optional[str] = None  # local .pth/.safetensors file
     init_from: Optional[str] = None  # a previous tlbench run dir
+    init_part: str = "backbone"  # what init_from loads: backbone | encoder (a cae run's) | all (+ heads)
     truncate: Optional[str] = None  # keep the backbone up to this block
     image_size: Optional[int] = None  # input size; None = the model's own
     in_chans: int = 3  # channels the model is fed; grayscale is expanded, never a random conv
@@ -77,6 +81,7 @@ class ModelConfig:
     batch_norm: bool = True
     hidden: tuple[int, ...] = (256, 128)  # scratch mlp hidden sizes
     dropout: float = 0.0  # scratch models
+    latent: Optional[int] = None  # cae: channels of the code (a 1x1 conv after the encoder); None = none
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     experiment: Optional[str] = None  # name of the preset, informational
+    loss: str = "auto"  # auto = cross_entropy (classifiers) | mse (cae); cae also: bce
 
     @property
     def batch_size(self) -> int:
@@ -409,6 +415,37 @@ def _validate_more(cfg: Config) -> None:
     if f.groups and o.layer_decay is not None:
         raise TlbenchError(f"freeze.groups={list(f.groups)!r} and optim.layer_decay={o.layer_decay!r} both set block "
                            "learning rates; use one of them")
+    _validate_task(cfg)
+
+
+def is_reconstruction(cfg: Config) -> bool:
+    """Whether the run reconstructs its input (``model=cae``) instead of classifying it."""
+    return cfg.model.name in RECONSTRUCTION_MODELS
+
+
+def _validate_task(cfg: Config) -> None:
+    """The loss, the monitor and the transfer keys against the kind of run (classifier or cae)."""
+    m, kind = cfg.model, "reconstruction" if is_reconstruction(cfg) else "classification"
+    if cfg.loss not in LOSSES[kind]:
+        other = "model=cae (reconstruction: mse, bce)" if kind == "classification" else "a classifier (cross_entropy)"
+        raise TlbenchError(f"loss={cfg.loss!r} does not apply to model={m.name} ({kind}); choose one of "
+                           f"{choices(LOSSES[kind])}, or {other}")
+    _check_choice("model.init_part", m.init_part, INIT_PARTS)
+    if m.init_part != "backbone" and not m.init_from:
+        raise TlbenchError(f"model.init_part={m.init_part} says what model.init_from loads, but model.init_from is "
+                           "not set; give model.init_from=RUN_DIR or drop model.init_part")
+    _check_range("model.latent", m.latent, 1)
+    if kind == "classification":
+        return
+    if not m.channels:
+        raise TlbenchError("model.channels=[] leaves the cae without an encoder; give one width per stage, "
+                           "e.g. model.channels=[32,64]")
+    if cfg.trainer.monitor != "val/loss":
+        raise TlbenchError(f"trainer.monitor={cfg.trainer.monitor!r} is a classification metric; a reconstruction "
+                           "run (model=cae) has no labels to score and stops early on trainer.monitor=val/loss only")
+    if cfg.dataset.class_weights != "none":
+        raise TlbenchError(f"dataset.class_weights={cfg.dataset.class_weights!r} weights a classification loss; a "
+                           "reconstruction run (model=cae) ignores labels: use dataset.class_weights=none")
 
 
 def check_tasks(cfg: Config, tasks: dict[str, list[str]]) -> None:
@@ -464,10 +501,22 @@ def to_dict(cfg: Config) -> dict:
 SPEED_KEYS = (("dataset", "pipeline"), ("dataset", "tensor_budget_gb"), ("optim", "impl"),
               *(("trainer", k) for k in SWITCH_KEYS))
 
+# keys added after runs had been recorded: left out of the hash while at their defaults, so a run
+# recorded before they existed keeps its hash (resume, a relaunched sweep's skip of finished jobs)
+LATER_KEYS = (("model", "init_part"), ("model", "latent"), ("loss",), ("dataset", "train_fraction"),
+              ("dataset", "train_per_class"))
+
 
 def config_hash(cfg: Config) -> str:
     """Stable hash of everything that changes a run's result (not resume/progress)."""
     d = to_dict(cfg)
+    defaults = to_dict(Config())
+    for *parents, key in LATER_KEYS:
+        node, default = d, defaults
+        for p in parents:
+            node, default = node[p], default[p]
+        if node.get(key) == default[key]:
+            node.pop(key, None)
     d["trainer"].pop("resume", None)
     d["trainer"].pop("progress", None)
     d["trainer"].pop("feature_store", None)  # where stored outputs live changes no number

@@ -157,8 +157,9 @@ def gather_collected(collected: dict) -> dict:
     every rank."""
     if _WORLD.size == 1:
         return collected
-    parts = all_gather(collected)
-    return {t: {k: interleave([p[t][k] for p in parts]) for k in collected[t]} for t in collected}
+    parts = all_gather(collected)  # a rank with no item of the split collected no names: the union
+    names = {t: list(dict.fromkeys(k for p in parts for k in p.get(t, {}))) for t in collected}
+    return {t: {k: interleave([p[t][k] for p in parts if k in p.get(t, {})]) for k in names[t]} for t in collected}
 
 
 def describe(device: torch.device) -> dict:

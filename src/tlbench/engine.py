@@ -3,7 +3,9 @@ early stopping on validation, checkpoints and logging.
 
 Models return ``{task: logits}``; the loss is the sum over tasks of cross-entropy on
 logits (never on probabilities). A distilled backbone returns stacked (cls, dist) logits
-while training; both heads learn the same label and their losses are averaged.
+while training; both heads learn the same label and their losses are averaged. That is the
+default *objective* (:class:`Classification`); ``LoopOptions.objective`` replaces it
+(``recon.Reconstruction``: the model's output is compared with its input).
 """
 
 from __future__ import annotations
@@ -80,6 +82,31 @@ def eval_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.mean(0) if logits.dim() == 3 else logits
 
 
+class Classification:
+    """The default objective: per task, cross-entropy of the logits against the label; scored by
+    the number of correct argmax predictions; collected as targets, predictions, probabilities.
+
+    An objective has ``losses(out, x, y) -> {task: loss}`` (under autocast, before the step) and
+    ``measure(out, x, y, collect) -> ({task: hits}, {task: {name: per-item tensor}} or None)``
+    (after it, on detached outputs; hits / items = the epoch's ``accuracy``)."""
+
+    scores = True  # hits per task: the epoch's accuracy
+
+    def __init__(self, class_weights: Optional[dict[str, torch.Tensor]] = None):
+        self.class_weights = class_weights or {}
+
+    def losses(self, out: dict, x: torch.Tensor, y: dict) -> dict:
+        return {t: task_loss(out[t].float(), y[t], self.class_weights.get(t)) for t in out}
+
+    def measure(self, out: dict, x: torch.Tensor, y: dict, collect: bool):
+        logits = {t: eval_logits(v.detach().float()) for t, v in out.items()}
+        preds = {t: v.argmax(1) for t, v in logits.items()}
+        hits = {t: (preds[t] == y[t]).sum() for t in out}
+        items = ({t: {"targets": y[t], "preds": preds[t], "probs": logits[t].softmax(1)} for t in out}
+                 if collect else None)
+        return hits, items
+
+
 @dataclass
 class EpochResult:
     loss: float
@@ -101,6 +128,7 @@ class LoopOptions:
     stop_flag: Optional[Callable[[], Optional[int]]] = None  # returns a signal number to stop
     on_step: Optional[Callable[[int, torch.Tensor], None]] = None  # training: (step in epoch, loss on device)
     channels_last: bool = False  # 4-d batches in channels-last memory format (speed.py)
+    objective: Optional[object] = None  # None = Classification(class_weights); recon.Reconstruction
 
 
 def batch_to(x: torch.Tensor, opts: "LoopOptions") -> torch.Tensor:
@@ -118,10 +146,12 @@ class _Sums:
     """Running sums of an epoch, kept on the device: no host sync per batch. ``value()`` syncs
     once (one ``.tolist()`` of a stacked tensor)."""
 
-    def __init__(self, tasks, device):
+    def __init__(self, tasks, device, scored=None):
         z = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         self.loss, self.task_loss = z(), {t: z() for t in tasks}
-        self.correct = {t: torch.zeros((), dtype=torch.int64, device=device) for t in tasks}
+        # hits of the tasks the objective scores (classification: every task; reconstruction: none)
+        scored = tasks if scored is None else scored
+        self.correct = {t: torch.zeros((), dtype=torch.int64, device=device) for t in scored}
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite loss
         self.bad_value = z()
 
@@ -130,23 +160,25 @@ class _Sums:
         self.loss += loss.double() * bs
         for t, v in losses.items():
             self.task_loss[t] += v.detach().double() * bs
-            self.correct[t] += correct[t]
+        for t, c in correct.items():
+            self.correct[t] += c
         if check_finite:
             first = (~torch.isfinite(loss)) & (self.bad_step < 0)
             self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
             self.bad_value = torch.where(first, loss.double(), self.bad_value)
 
     def value(self, n: int) -> tuple[float, dict, dict, int, float, int]:
-        """(loss sum, task loss sums, correct counts, first bad step or -1, its loss, items): over
-        every rank of a DDP world (sums all-reduced), else this process's."""
-        tasks, k = list(self.task_loss), len(self.task_loss)
-        sums = torch.stack([self.loss, *[self.task_loss[t] for t in tasks], *[self.correct[t].double() for t in tasks],
+        """(loss sum, task loss sums, correct counts of the scored tasks, first bad step or -1, its
+        loss, items): over every rank of a DDP world (sums all-reduced), else this process's."""
+        tasks, scored = list(self.task_loss), list(self.correct)
+        k, c = len(tasks), len(scored)
+        sums = torch.stack([self.loss, *[self.task_loss[t] for t in tasks], *[self.correct[t].double() for t in scored],
                             torch.tensor(float(n), dtype=torch.float64, device=self.loss.device)])
         local_bad = self.bad_step.double().reshape(1)
         flat = torch.cat([dist.all_sum(sums), dist.all_max(local_bad.clone()), local_bad,
                           self.bad_value.reshape(1)]).tolist()  # the epoch's one sync
         bad, local, value = int(flat[-3]), int(flat[-2]), flat[-1]
-        return (flat[0], dict(zip(tasks, flat[1:1 + k])), dict(zip(tasks, flat[1 + k:1 + 2 * k])),
+        return (flat[0], dict(zip(tasks, flat[1:1 + k])), dict(zip(scored, flat[1 + k:1 + k + c])),
                 bad, value if local == bad else float("nan"), int(flat[-4]))
 
 
@@ -161,8 +193,10 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
     train = optimizer is not None
     start = time.perf_counter()
     world = dist.world().size
-    sums, n, steps = _Sums(tasks, opts.device), 0, 0
-    store: dict[str, dict[str, list]] = {t: {"targets": [], "preds": [], "probs": []} for t in tasks}
+    n, steps = 0, 0
+    objective = opts.objective or Classification(opts.class_weights)
+    store: dict[str, dict[str, list]] = {t: {} for t in tasks}
+    sums = _Sums(tasks, opts.device, tasks if objective.scores else ())
     total = min(len(loader), limit) if limit else len(loader)
     bar = tqdm(loader, total=total, desc=desc, leave=False, disable=not opts.progress)
     shown = time.monotonic()
@@ -179,22 +213,19 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
             scale = _agree(bs, opts) if train and world > 1 else None
             with autocast(opts):
                 out = model(x)
-                losses = {t: task_loss(out[t].float(), y[t], _w(opts, t)) for t in tasks}
+                losses = objective.losses(out, x, y)
                 loss = sum(losses.values())
             if train:
                 _step(loss if scale is None else loss * scale, model, optimizer, scaler, opts.grad_clip)
                 if opts.on_step is not None:
                     opts.on_step(i + 1, loss.detach())
-            logits = {t: eval_logits(out[t].detach().float()) for t in tasks}
-            preds = {t: logits[t].argmax(1) for t in tasks}
+            hits, items = objective.measure(out, x, y, collect)
             steps = i + 1
             n += bs
-            sums.add(i + 1, bs, loss, losses, {t: (preds[t] == y[t]).sum() for t in tasks}, train)
-            if collect:
-                for t in tasks:
-                    store[t]["targets"].append(y[t])
-                    store[t]["preds"].append(preds[t])
-                    store[t]["probs"].append(logits[t].softmax(1))
+            sums.add(i + 1, bs, loss, losses, hits, train)
+            for t, named in (items or {}).items():
+                for k, v in named.items():
+                    store[t].setdefault(k, []).append(v)
             if opts.progress and time.monotonic() - shown > 1.0:
                 shown = time.monotonic()
                 bar.set_postfix(loss=f"{sums.loss.item() / max(n, 1):.4f}")
@@ -224,10 +255,6 @@ def _agree(bs: int, opts: LoopOptions) -> torch.Tensor:
     if flags[1].item():
         raise Interrupted(int(stop or signal.SIGTERM))
     return bs * dist.world().size / flags[0]
-
-
-def _w(opts: LoopOptions, task: str):
-    return None if not opts.class_weights else opts.class_weights.get(task)
 
 
 def _step(loss, model, optimizer, scaler, grad_clip) -> None:
@@ -290,7 +317,7 @@ def macro_f1(collected: dict) -> dict[str, float]:
     from sklearn.metrics import f1_score
 
     return {t: float(f1_score(c["targets"], c["preds"], average="macro", zero_division=0))
-            for t, c in collected.items()}
+            for t, c in collected.items() if "preds" in c}  # (a reconstruction has no classes)
 
 
 def monitor_value(monitor: str, val: EpochResult) -> float:

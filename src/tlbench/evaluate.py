@@ -32,12 +32,20 @@ def _positive(task: str, names: list[str], ecfg) -> int:
 
 
 def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, prefix: str = "",
-                 ecfg=None, shown: Optional[str] = None) -> dict:
+                 ecfg=None, shown: Optional[str] = None, model=None, objective=None) -> dict:
     """Write predictions/reports/figures of one split; return ``{task: metrics}``. ``shown``: the
-    split's name in the figures' titles (``tlbench eval split=val`` evaluates val as its test)."""
+    split's name in the figures' titles (``tlbench eval split=val`` evaluates val as its test).
+    A reconstruction run's split goes to ``recon.report_split`` (``model`` and ``objective`` draw
+    its figure of reconstructions)."""
     from .config import EvalConfig
     from .tracking import log_test_figures
 
+    from .models.cae import RECON_TASK
+
+    if RECON_TASK in collected:
+        from .recon import report_split as report_reconstruction
+
+        return report_reconstruction(run_dir, split, collected, bundle, tracker, prefix, model, objective, shown)
     ecfg = ecfg or EvalConfig()
     out = {}
     idx = getattr(bundle, split).indices
@@ -93,7 +101,10 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     open_log(out, "eval.log")
     try:
         model.to(device)
-        opts = LoopOptions(device=device, progress=progress_enabled(cfg))
+        from .recon import objective
+
+        opts = LoopOptions(device=device, progress=progress_enabled(cfg),
+                           objective=objective(cfg, model.backbone.input_spec))
         if split == "all":  # every item of the source, e.g. a held-out folder
             from .data import SplitDataset
 
@@ -104,7 +115,7 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
             bundle.test = getattr(bundle, split)
         loader = make_loaders(bundle, cfg, device)["test"]
         metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
-                               ecfg=cfg.eval, shown=split)
+                               ecfg=cfg.eval, shown=split, model=model, objective=opts.objective)
         write_json(out / "results.json", {
             "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
             "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],
@@ -119,7 +130,7 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
 # ----------------------------------------------------------------------------- console summaries
 # the metrics a summary line shows, in this order (those a task has)
 HEADLINE = ("accuracy", "top3_accuracy", "top5_accuracy", "macro_f1", "weighted_f1", "log_loss", "ece",
-            "sensitivity", "specificity", "roc_auc", "pr_auc")
+            "sensitivity", "specificity", "roc_auc", "pr_auc", "mse", "psnr", "ssim")
 
 
 def _metric_line(task: str, m: dict) -> str:
@@ -162,12 +173,14 @@ def run_summary_lines(run_dir, results: dict, sweeping: bool = False, sweep_dir=
     p = results.get("params") or {}
     params = f"{p.get('trainable', 0):,} of {p.get('total', 0):,} parameters trained"
     split = "val" if sweeping else "test"
-    values = ", ".join(f"{t} {m['accuracy']:.4f}" for t, m in (results.get(split) or {}).items())
+    metrics = results.get(split) or {}
+    name = "accuracy" if all("accuracy" in m for m in metrics.values()) else "psnr"  # a reconstruction: PSNR (dB)
+    values = ", ".join(f"{t} {m[name]:.4f}" for t, m in metrics.items())
     if sweeping:
         where = sweep_dir or run_dir.parent
-        return [f"val accuracy: {values} (the sweep's objective; best epoch {results.get('best_epoch')}, {params})",
+        return [f"val {name}: {values} (the sweep's objective; best epoch {results.get('best_epoch')}, {params})",
                 f"run directory: {run_dir}",
                 f"test metrics are kept for the end of the sweep: tlbench compare {where}"]
-    return [f"test accuracy: {values} (best epoch {results.get('best_epoch')}, {params})",
+    return [f"test {name}: {values} (best epoch {results.get('best_epoch')}, {params})",
             f"run directory: {run_dir}",
             f"inspect with:  tensorboard --logdir {run_dir / 'tb'}"]

@@ -65,6 +65,9 @@ def decide(cfg: Config, model, plan) -> CacheDecision:
 def _decide(cfg: Config, model, plan) -> CacheDecision:
     from .models.split import split_point
 
+    if getattr(model, "reconstructs", False):
+        return CacheDecision(False, "a reconstruction run: the decoder reads the encoder's spatial output, "
+                                    "and the loss needs the image")
     if cfg.freeze.gradual:
         return CacheDecision(False, "freeze.gradual moves the trainable part every few epochs")
     if cfg.dataset.augment not in CACHEABLE_AUGMENT:

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Optional
 
 from .freeze import FreezePlan
+from .transfer import plan_lines
 
 
 def build_plan(cfg):
@@ -23,7 +24,9 @@ def build_plan(cfg):
     from torch.nn.parameter import is_lazy
 
     from .build import seed_everything
-    from .config import check_tasks
+    from .config import check_tasks, is_reconstruction
+    from .models.cae import CAE, RECON_TASK
+    from .transfer import apply as apply_transfer
     from .data.meta import plan_tasks
     from .freeze import apply_freeze
     from .models import TLModel, build_backbone, build_model
@@ -31,18 +34,22 @@ def build_plan(cfg):
     from .models.backbones import build_backbone as build_net
 
     seed_everything(cfg.seed)
-    if cfg.model.name in BACKBONE_NAMES:
+    meta_device = cfg.model.name in BACKBONE_NAMES
+    if meta_device:
         backbone = build_net(cfg.model, structure_only=True)
     else:  # from-scratch models are small: built as in a run (an unknown name: its error)
         backbone = build_backbone(cfg.model)
     tasks, meta = plan_tasks(cfg.dataset)
+    if is_reconstruction(cfg):
+        tasks = {RECON_TASK: []}
     check_tasks(cfg, tasks)
     sizes = {t: len(n) for t, n in tasks.items()}
-    model = TLModel(backbone, sizes, cfg.head)
+    model = CAE(cfg.model, backbone) if is_reconstruction(cfg) else TLModel(backbone, sizes, cfg.head)
     if any(is_lazy(p) for p in model.parameters()):  # the mlp's first layer: sized by one forward
         spec = backbone.input_spec
         side = spec.size if spec.resize and spec.size else meta.native_size()
         model = build_model(backbone, sizes, cfg.head, torch.zeros(2, spec.channels, side, side))
+    apply_transfer(model, cfg, load=not meta_device)  # model.init_from: checked against the source, recorded
     plan = apply_freeze(model, cfg.freeze, cfg.optim)
     return model, plan, tasks, meta
 
@@ -79,6 +86,7 @@ def plan_data(model, plan: FreezePlan, tasks: Optional[dict] = None, classes_fro
             for g in plan.groups
         ],
         "bn_eval": plan.bn_eval,
+        "init_from": getattr(model, "transfer", None),
     }
 
 
@@ -118,9 +126,11 @@ def plan_report(model, plan: FreezePlan, as_json: bool = False, tasks: Optional[
         f"input:         {inp['size']}x{inp['size']} x{inp['channels']} channels, mean ({mean}), std ({std})"
         + ("" if inp["resize"] else ", native size"),
         f"features:      {d['feature_dim']}",
+        *plan_lines(d["init_from"]),
     ]
     for task, names in (tasks or {}).items():
-        lines.append(f"task {task + ':':<9}{len(names)} classes ({_names(names)})")
+        lines.append(f"task {task + ':':<9}{len(names)} classes ({_names(names)})" if names else
+                     f"task {task}: the input image, reconstructed (labels not used)")
     if classes_from:
         lines.append(f"classes from:  {classes_from}")
     lines += [

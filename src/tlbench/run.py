@@ -30,9 +30,11 @@ from .evaluate import evaluate_split, report_split
 from .features import backbone_frozen, cache_features, decide
 from .freeze import gradual_unfreeze, set_bn_eval
 from .optim import build_optimizer, build_scheduler
+from .recon import extend_hooks, objective
 from .record import (EarlyLog, RunLock, check_writable, close_log, config_diff, is_fresh, open_log, preflight,
                      write_hydra_record, write_status)
 from .tracking import Tracker, write_epochs_csv, write_json
+from .transfer import results_fields
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +278,9 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
     ctx.opts = LoopOptions(device=ctx.device, dtype=ctx.speed.dtype, channels_last=ctx.speed.channels_last,
                            grad_clip=cfg.trainer.grad_clip, progress=progress_enabled(cfg) and main,
                            class_weights=_class_weights(bundle, ctx.device),
-                           on_step=_step_logger(cfg, state, ctx.tracker) if main else None)
+                           on_step=_step_logger(cfg, state, ctx.tracker) if main else None,
+                           objective=objective(cfg, state.model.backbone.input_spec))
+    hooks = extend_hooks(hooks, ctx.opts.objective, state.model, bundle.val, ctx.tracker)
     decision = ctx.decision
     if decision.applied:
         cached, state.net, ctx.feature_cache = cache_features(cfg, bundle, state.model, ctx.opts, decision)
@@ -368,7 +372,8 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
     if not dist.world().main:
         return None
     val = report_split(run_dir, "val", val_c, bundle, None, ecfg=cfg.eval)
-    test = report_split(run_dir, "test", test_c, bundle, None if ctx.sweeping else tracker, ecfg=cfg.eval)
+    test = report_split(run_dir, "test", test_c, bundle, None if ctx.sweeping else tracker, ecfg=cfg.eval,
+                        model=state.model, objective=opts.objective)
     hist = state.history
     results = {
         "tlbench_version": __version__, "config_hash": config_hash(cfg), "dataset": cfg.dataset.name,
@@ -387,7 +392,7 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
         "time": {"total_s": time.perf_counter() - ctx.t0, "feature_cache_s": (ctx.feature_cache or {}).get("compute_s"),
                  "train_s_per_epoch": float(np.mean([h["train_seconds"] for h in hist])) if hist else None,
                  "val_s_per_epoch": float(np.mean([h["val_seconds"] for h in hist])) if hist else None},
-        "epochs": hist, "val": val, "test": test,
+        "epochs": hist, "val": val, "test": test, **results_fields(state.model, bundle),
     }
     write_json(run_dir / "results.json", results)
     _final_scalars(cfg, results, tracker, run_dir, ("val",) if ctx.sweeping else ("val", "test"))
@@ -419,8 +424,10 @@ def _final_scalars(cfg: Config, results: dict, tracker: Tracker, run_dir: Path, 
     metrics = {}
     for split in splits:
         for t, m in results[split].items():
-            tracker.scalars({f"accuracy/{split}_best/{t}": m["accuracy"]}, step)
-            metrics[f"hparam/{split}_accuracy_{t}"] = m["accuracy"]
+            for name in ("accuracy", "psnr", "ssim"):  # the headline (classification / reconstruction)
+                if name in m:
+                    tracker.scalars({f"{name}/{split}_best/{t}": m[name]}, step)
+                    metrics[f"hparam/{split}_{name}_{t}"] = m[name]
             metrics[f"hparam/{split}_loss_{t}"] = m["loss"]
     flat = {}
     for group, values in to_dict(cfg).items():

@@ -26,7 +26,7 @@ _MISSING = object()  # a run without the key
 
 # metric names as a paper writes them; others: underscores -> spaces
 _NAMES = {"macro_f1": "macro F1", "weighted_f1": "weighted F1", "log_loss": "log-loss", "ece": "ECE",
-          "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}
+          "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC", "mse": "MSE", "psnr": "PSNR (dB)", "ssim": "SSIM"}
 # error bars of the plot: option -> legend text
 ERRORBARS = {"ci": "95% CI (t, n-1)", "std": "1 std", "none": None}
 # figure widths (inches) of a one- and a two-column paper figure; height per panel

@@ -8,7 +8,7 @@ from ..config import HeadConfig, ModelConfig
 from .base import Backbone, InputSpec, TLModel
 from .scratch import ScratchCNN, ScratchMLP
 
-SCRATCH = {"cnn": ScratchCNN, "mlp": ScratchMLP}
+SCRATCH = {"cnn": ScratchCNN, "mlp": ScratchMLP, "cae": ScratchCNN}  # the cae's backbone is its encoder
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
@@ -16,7 +16,7 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     if cfg.name in SCRATCH:
         from ..errors import TlbenchError
 
-        unused = [k for k in ("truncate", "weights", "init_from") if getattr(cfg, k)] + (
+        unused = [k for k in ("truncate", "weights") if getattr(cfg, k)] + (
             ["pretrained"] if cfg.pretrained else [])
         if unused:
             raise TlbenchError(f"model.{unused[0]} does not apply to the from-scratch model {cfg.name!r}; "
@@ -44,4 +44,15 @@ def build_model(backbone: Backbone, tasks: dict[str, int], head: HeadConfig, sam
     return model
 
 
-__all__ = ["Backbone", "InputSpec", "TLModel", "build_backbone", "build_model"]
+def build_task_model(cfg: ModelConfig, backbone: Backbone, tasks: dict[str, int], head: HeadConfig,
+                     sample: torch.Tensor) -> torch.nn.Module:
+    """The model a run trains: the autoencoder around ``backbone`` for ``model=cae`` (its one
+    task is the reconstruction; ``tasks`` are not used), else ``backbone`` + one head per task."""
+    if cfg.name == "cae":
+        from .cae import CAE
+
+        return CAE(cfg, backbone)
+    return build_model(backbone, tasks, head, sample)
+
+
+__all__ = ["Backbone", "InputSpec", "TLModel", "build_backbone", "build_model", "build_task_model"]

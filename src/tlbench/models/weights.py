@@ -359,23 +359,31 @@ def file_location(path: str | Path) -> WeightsInfo:
                        "" if p.is_file() else "model.weights must name a .pth, .pt or .safetensors file")
 
 
-def init_from_state_dict(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Backbone tensors (``backbone.`` prefix stripped) of a previous run's best checkpoint."""
+def init_from_checkpoint(run_dir: str | Path, create: str = "") -> dict:
+    """A previous run's best checkpoint (``weights_only``), as saved: ``model``, ``config``,
+    ``config_hash``, ``tasks``, ``epoch`` ... ``create``: how to make the run, said when it has
+    no checkpoint."""
     path = _init_from_path(run_dir)
     if not path.is_file():
-        raise TlbenchError(
-            f"model.init_from={str(run_dir)!r}: no checkpoint at {path}; give the directory of a "
-            "finished tlbench run (it holds checkpoints/best.pt)"
-        )
+        started = (path.parent / "last.pt").is_file()
+        why = ("that run has started but not finished an epoch yet (it holds checkpoints/last.pt only)" if started
+               else create or "give the directory of a finished tlbench run (it holds checkpoints/best.pt)")
+        raise TlbenchError(f"model.init_from={str(run_dir)!r}: no checkpoint at {path}; {why}")
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, a refused (crafted) pickle payload
         from ..checkpoint import describe_load_error
 
         raise TlbenchError(f"model.init_from: could not read {path}: {describe_load_error(e, path)}") from e
-    model_sd = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(model_sd, dict):
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise TlbenchError(f"{path} has no 'model' state dict; is it a tlbench checkpoint?")
+    return ckpt
+
+
+def init_from_state_dict(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Backbone tensors (``backbone.`` prefix stripped) of a previous run's best checkpoint."""
+    path = _init_from_path(run_dir)
+    model_sd = init_from_checkpoint(run_dir)["model"]
     sd = {k[len("backbone."):]: v for k, v in model_sd.items() if k.startswith("backbone.")}
     if not sd:
         raise TlbenchError(f"{path} holds no backbone tensors (keys starting 'backbone.')")
