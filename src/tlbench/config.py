@@ -24,6 +24,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "plateau")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 MONITORS = ("val/loss", "val/accuracy", "val/macro_f1")  # the mode (min for loss, else max) follows the name
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # tlbench.loggers; mlflow/wandb: optional extras, offline
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     experiment: Optional[str] = None  # name of the preset, informational
+    logger: tuple[str, ...] = ("tensorboard", "csv")  # where metrics go besides results.json (LOGGERS)
+    logger_dir: Optional[str] = None  # mlflow's file store / wandb's offline files; None = inside the run dir
 
     @property
     def batch_size(self) -> int:
@@ -327,6 +330,10 @@ def validate(cfg: Config) -> Config:
     _check_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
     _check_range("model.image_size", cfg.model.image_size, 8)
     _check_choice("model.in_chans", cfg.model.in_chans, (1, 3))
+    for name in cfg.logger:
+        if name not in LOGGERS:
+            raise TlbenchError(f"logger=[{','.join(cfg.logger)}]: {name!r} is not a logger; choose from "
+                               f"{choices(LOGGERS)} (default logger=[tensorboard,csv]; logger=[] for none)")
     _validate_more(cfg)
     return cfg
 
@@ -425,6 +432,8 @@ def config_hash(cfg: Config) -> str:
     d["trainer"].pop("resume", None)
     d["trainer"].pop("progress", None)
     d["trainer"].pop("feature_store", None)  # where stored outputs live changes no number
+    d.pop("logger", None)  # nor where the metrics are reported
+    d.pop("logger_dir", None)
     d.pop("sweep", None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

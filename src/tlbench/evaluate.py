@@ -165,9 +165,12 @@ def run_summary_lines(run_dir, results: dict, sweeping: bool = False, sweep_dir=
     values = ", ".join(f"{t} {m['accuracy']:.4f}" for t, m in (results.get(split) or {}).items())
     if sweeping:
         where = sweep_dir or run_dir.parent
-        return [f"val accuracy: {values} (the sweep's objective; best epoch {results.get('best_epoch')}, {params})",
-                f"run directory: {run_dir}",
-                f"test metrics are kept for the end of the sweep: tlbench compare {where}"]
-    return [f"test accuracy: {values} (best epoch {results.get('best_epoch')}, {params})",
-            f"run directory: {run_dir}",
-            f"inspect with:  tensorboard --logdir {run_dir / 'tb'}"]
+        lines = [f"val accuracy: {values} (the sweep's objective; best epoch {results.get('best_epoch')}, {params})",
+                 f"run directory: {run_dir}",
+                 f"test metrics are kept for the end of the sweep: tlbench compare {where}"]
+        if (Path(where) / "tb").is_dir():
+            lines.append(f"runs by their overrides: tensorboard --logdir {Path(where) / 'tb'}")
+        return lines
+    lines = [f"test accuracy: {values} (best epoch {results.get('best_epoch')}, {params})",
+             f"run directory: {run_dir}"]
+    return lines + ([f"inspect with:  tensorboard --logdir {run_dir / 'tb'}"] if (run_dir / "tb").is_dir() else [])

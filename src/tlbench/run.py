@@ -31,6 +31,7 @@ from .freeze import gradual_unfreeze, set_bn_eval
 from .optim import build_optimizer, build_scheduler
 from .record import (EarlyLog, RunLock, check_writable, close_log, config_diff, is_fresh, open_log, preflight,
                      write_hydra_record, write_status)
+from .loggers import check_available, hparams, open_tracker
 from .tracking import Tracker, write_epochs_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def _hooks(cfg: Config, run_dir: Path, tracker: Tracker, stop_after, tasks) -> F
         scalars.update({f"macro_f1/val/{t}": f for t, f in rec["val"].get("macro_f1", {}).items()})
         scalars.update({f"lr/{g}": lr for g, lr in rec["lr"].items()})
         tracker.scalars(scalars, rec["epoch"])
-        write_epochs_csv(run_dir / "metrics.csv", state.history)
+        if "csv" in cfg.logger:
+            write_epochs_csv(run_dir / "metrics.csv", state.history)
         accs = " ".join(f"{t}={a:.4f}" for t, a in rec["val"]["accuracy"].items())
         log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f val_acc[%s] (%.1fs+%.1fs)%s",
                  rec["epoch"], cfg.trainer.max_epochs, rec["train"]["loss"], rec["val"]["loss"], accs,
@@ -186,6 +188,7 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
         log.info("torch uses %d CPU thread(s) (OMP_NUM_THREADS=%s, e.g. set by the joblib launcher); a plain run "
                  "here uses more and its numbers differ in the last digits: set trainer.num_threads to compare "
                  "runs exactly", torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])
+    check_available(cfg.logger)  # an optional logger that is not installed: refused before anything is written
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle, model, plan = build_everything(cfg)
     device = select_device(cfg.trainer.device)
@@ -228,7 +231,7 @@ def _run(cfg: Config, run_dir: Path, ctx: _Ctx, record: Optional[dict[str, str]]
 def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
     state, bundle = ctx.state, ctx.bundle
     _write_run_files(cfg, run_dir, bundle)
-    ctx.tracker = Tracker(run_dir)
+    ctx.tracker = open_tracker(cfg, run_dir, ctx.sweeping)
     hooks = _hooks(cfg, run_dir, ctx.tracker, ctx.stop_after, bundle.tasks)
     if ctx.resuming:
         _resume(cfg, run_dir, state)
@@ -324,37 +327,15 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
     return results
 
 
-def _hparam_keys(run_dir: Path) -> Optional[set]:
-    """The keys the user chose on the command line (Hydra's overrides.yaml), as dotted names;
-    a group choice ``model=vgg16`` means ``model.name``. None when the run has no Hydra files."""
-    import yaml
-
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return None
-    keys = {"dataset.name", "model.name", "freeze.name", "seed"}
-    for o in yaml.safe_load(path.read_text()) or []:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if not key.startswith("hydra"):
-            keys.add(key if "." in key or key in ("seed", "experiment") else f"{key}.name")
-    return keys
-
-
 def _final_scalars(cfg: Config, results: dict, tracker: Tracker, run_dir: Path, splits=("val", "test")) -> None:
+    """The final metrics (a sweep's job: val only) with the full hyperparameter set (HPARAMS in
+    TensorBoard, params in MLflow, config in W&B)."""
     step = results["best_epoch"] or 0
     metrics = {}
     for split in splits:
         for t, m in results[split].items():
             tracker.scalars({f"accuracy/{split}_best/{t}": m["accuracy"]}, step)
-            metrics[f"hparam/{split}_accuracy_{t}"] = m["accuracy"]
-            metrics[f"hparam/{split}_loss_{t}"] = m["loss"]
-    flat = {}
-    for group, values in to_dict(cfg).items():
-        if isinstance(values, dict):
-            flat.update({f"{group}.{k}": v for k, v in values.items() if k not in ("resume", "progress")})
-        else:
-            flat[group] = values
-    keys = _hparam_keys(run_dir)  # a sweep's HPARAMS table shows what the sweep varied
-    tracker.hparams({k: v for k, v in flat.items() if keys is None or k in keys}, metrics)
-
-
+            for key in ("accuracy", "macro_f1", "loss"):
+                if isinstance(m.get(key), (int, float)):
+                    metrics[f"hparam/{split}_{key}_{t}"] = m[key]
+    tracker.hparams(hparams(cfg), metrics, step)
