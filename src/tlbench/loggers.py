@@ -251,6 +251,9 @@ def open_tracker(cfg: Config, run_dir: Path, sweeping: bool = False):
     name = run_name(overrides_of(run_dir))
     tensorboard = "tensorboard" in cfg.logger
     tracker = Tracker(run_dir, enabled=tensorboard, backends=open_backends(cfg, run_dir, name))
+    log.debug("loggers %s for run %r: %s", list(cfg.logger), name,
+              ", ".join(f"{b.name} in {getattr(b, 'store', None) or Path(cfg.logger_dir or run_dir) / 'wandb'}"
+                        for b in tracker.backends) or "no optional logger")
     if tensorboard and sweeping:
         try:
             link_in_sweep(run_dir, name)

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, progress
 from .build import build_everything, progress_enabled, seed_everything, versions
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save_atomic
@@ -67,9 +67,11 @@ def _hooks(cfg: Config, run_dir: Path, tracker: Tracker, stop_after, tasks) -> F
         if "csv" in cfg.logger:
             write_epochs_csv(run_dir / "metrics.csv", state.history)
         accs = " ".join(f"{t}={a:.4f}" for t, a in rec["val"]["accuracy"].items())
-        log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f val_acc[%s] (%.1fs+%.1fs)%s",
+        left = progress.eta(state.history, cfg.trainer.max_epochs)
+        log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f val_acc[%s] (%.1fs+%.1fs)%s%s",
                  rec["epoch"], cfg.trainer.max_epochs, rec["train"]["loss"], rec["val"]["loss"], accs,
-                 rec["train_seconds"], rec["val_seconds"], " *best*" if state.best_epoch == rec["epoch"] else "")
+                 rec["train_seconds"], rec["val_seconds"], " *best*" if state.best_epoch == rec["epoch"] else "",
+                 f" eta {left}" if left else "")
 
     def train_mode(state: TrainState) -> None:
         state.model.train()
@@ -189,6 +191,7 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
                  "here uses more and its numbers differ in the last digits: set trainer.num_threads to compare "
                  "runs exactly", torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])
     check_available(cfg.logger)  # an optional logger that is not installed: refused before anything is written
+    progress.configure(config=cfg.trainer.progress)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle, model, plan = build_everything(cfg)
     device = select_device(cfg.trainer.device)
@@ -196,6 +199,8 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
     state = _new_state(cfg, model, plan, device)
     resuming = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").is_file()
     ctx = _Ctx(bundle, state, device, resuming, stop_after, t0)
+    log.debug("config (hash %s): %s", config_hash(cfg), to_dict(cfg))
+    log.debug("class counts per split: %s; %d torch threads", bundle.class_counts, torch.get_num_threads())
     ctx.decision = decide(cfg, model, plan)  # trainer.cache_features=true that cannot apply: refused here
     return ctx
 
@@ -252,7 +257,8 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> dict:
         log.info("frozen-prefix cache not applied: %s", decision.reason)
         ctx.feature_cache = {"applied": False, "reason": decision.reason}
         ctx.loaders = make_loaders(bundle, cfg, ctx.device)
-    fit(state, ctx.loaders, list(bundle.tasks), ctx.opts, cfg.trainer, hooks)
+    with progress.EpochBar(cfg.trainer.max_epochs, state.epoch, show=ctx.opts.progress) as bar:
+        fit(state, ctx.loaders, list(bundle.tasks), ctx.opts, cfg.trainer, bar.hooked(hooks))
     return finish(cfg, run_dir, ctx)
 
 

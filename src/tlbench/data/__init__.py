@@ -119,7 +119,9 @@ def materialize(ds: SplitDataset) -> Dataset:
     x0 = ds[0][0]
     if x0.numel() * 4 * len(ds) > MATERIALIZE_BYTES:
         return ds
-    x = torch.stack([x0] + [ds[i][0] for i in range(1, len(ds))])
+    from ..progress import bar
+
+    x = torch.stack([x0] + [ds[i][0] for i in bar(range(1, len(ds)), desc=f"decoding {len(ds)} images", unit="img")])
     return TensorSplit(x, ds.labels, ds.indices)
 
 
