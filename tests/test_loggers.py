@@ -235,3 +235,26 @@ def test_run_names():
     assert run_name(["dataset.root=../../data/x"]) == "dataset.root=.._.._data_x"  # one folder, never a path
     long = run_name([f"model.weights={'w' * 400}"])
     assert len(long.encode()) <= 200 and long.startswith("model.weights=www")
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path, no_internet):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from conftest import compose_cfg
+    from tlbench.engine import Interrupted
+    from tlbench.run import train
+
+    run = tmp_path / "r"
+    args = (*SHORT, "trainer.progress=false", "logger=[mlflow]")
+    with pytest.raises(Interrupted):
+        train(compose_cfg(*args), run, stop_after=1)
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("tlbench").experiment_id
+    [first] = client.search_runs([exp])
+    assert first.info.status == "KILLED"  # an interrupted run, as MLflow says it
+    train(compose_cfg(*args, f"trainer.resume={run}"), run)
+    [again] = client.search_runs([exp])
+    assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(again.info.run_id, "loss/val")] == [1, 2]
+    assert no_internet == []
