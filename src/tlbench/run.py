@@ -161,6 +161,7 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None,
     finally:
         early.__exit__()
         close_log(run_dir)
+        progress.configure(config=True)  # trainer.progress is this run's: the next command decides anew
 
 
 @dataclass
