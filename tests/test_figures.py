@@ -13,7 +13,7 @@ import pytest
 
 from tlbench import tracking
 from tlbench.evaluate import evaluate_run, run_summary_lines, summary_lines
-from tlbench.figures import cell_texts, confusion_figure, misclassified, reliability_figure
+from tlbench.figures import confusion_figure, misclassified, reliability_figure
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -202,7 +202,7 @@ def test_eval_summary_with_bootstrap_and_binary(tmp_path):
     assert lines[2] == "  files: results.json"
 
 
-def test_sweep_trials_print_val_never_test():
+def test_sweep_trials_print_val_never_test(tmp_path):
     results = {"params": {"trainable": 10, "total": 20}, "best_epoch": 3,
                "val": {"label": {"accuracy": 0.91234}}, "test": {"label": {"accuracy": 0.87654}}}
     lines = run_summary_lines("/s/4", results, sweeping=True, sweep_dir="/s")
@@ -210,6 +210,13 @@ def test_sweep_trials_print_val_never_test():
     assert "0.8765" not in text and "test accuracy" not in text
     assert lines[0] == "val accuracy: label 0.9123 (the sweep's objective; best epoch 3, 10 of 20 parameters trained)"
     assert lines[2] == "test metrics are kept for the end of the sweep: tlbench compare /s"
-    single = run_summary_lines("/r", results)
+    assert len(lines) == 3  # no tb/ in the sweep: no TensorBoard line
+    (tmp_path / "s" / "tb").mkdir(parents=True)
+    lines = run_summary_lines(tmp_path / "s" / "4", results, sweeping=True, sweep_dir=tmp_path / "s")
+    assert lines[3] == f"runs by their overrides: tensorboard --logdir {tmp_path / 's' / 'tb'}"
+    single = run_summary_lines(tmp_path / "r", results)
     assert single[0] == "test accuracy: label 0.8765 (best epoch 3, 10 of 20 parameters trained)"
-    assert single[2] == "inspect with:  tensorboard --logdir /r/tb"
+    assert len(single) == 2  # logger without tensorboard: no tb/ to inspect
+    (tmp_path / "r" / "tb").mkdir(parents=True)
+    single = run_summary_lines(tmp_path / "r", results)
+    assert single[2] == f"inspect with:  tensorboard --logdir {tmp_path / 'r' / 'tb'}"

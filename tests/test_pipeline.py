@@ -4,7 +4,6 @@ decoded file datasets cached on disk, DDP sharding, the choice between the paths
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from conftest import results
 from tlbench import dist
 from tlbench.config import Config, DatasetConfig, TrainerConfig, to_config, to_dict
 from tlbench.data import ImageSplit, TensorSplit, build_data
-from tlbench.data import pipeline as pl
 from tlbench.data.base import Source
 from tlbench.data.loaders import make_loaders
 from tlbench.errors import TlbenchError

@@ -5,7 +5,6 @@ freeze plan (``build_everything``), and ``tlbench download``. Used by ``run``, `
 from __future__ import annotations
 
 import random
-import sys
 
 import numpy as np
 import torch
@@ -60,8 +59,10 @@ def build_everything(cfg: Config):
 
 
 def progress_enabled(cfg: Config) -> bool:
-    """tqdm bars: wanted and on a terminal."""
-    return cfg.trainer.progress and sys.stderr.isatty()
+    """tqdm bars: wanted (``trainer.progress``, not ``--quiet``) and on a terminal."""
+    from . import progress
+
+    return cfg.trainer.progress and progress.enabled()
 
 
 def download(cfg: Config) -> list[str]:

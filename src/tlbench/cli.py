@@ -8,11 +8,14 @@
     tlbench compare SWEEP_DIR|RUN_DIR... [--by model,freeze] [--metric test/accuracy]
 
 User mistakes print one paragraph and exit with code 2 (``--debug`` or
-``HYDRA_FULL_ERROR=1`` shows the traceback instead).
+``HYDRA_FULL_ERROR=1`` shows the traceback instead). ``--quiet`` / ``-q``: the console shows
+warnings and the final summary only (no progress bars); ``--verbose`` / ``-v``: debug detail with
+logger names and levels; ``train.log`` always has the full detail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -77,11 +80,69 @@ def _debug(argv) -> bool:
     return "--debug" in argv or os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
+CONSOLE_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose"}
+# what the console shows (conf/hydra/job_logging/tlbench.yaml and hydra_logging/tlbench.yaml read these)
+CONSOLE_ENV = {"quiet": {"TLBENCH_CONSOLE_LEVEL": "WARNING", "TLBENCH_HYDRA_LEVEL": "WARNING"},
+               "verbose": {"TLBENCH_CONSOLE_LEVEL": "DEBUG", "TLBENCH_CONSOLE_FORMAT": "detailed"},
+               "normal": {}}
+
+
+def _console_mode(argv: list[str]) -> str:
+    modes = {CONSOLE_FLAGS[a] for a in argv if a in CONSOLE_FLAGS}
+    if len(modes) > 1:
+        raise TlbenchError("--quiet and --verbose contradict each other; give one of them (or neither: "
+                           "the compact console)")
+    return modes.pop() if modes else "normal"
+
+
+@contextlib.contextmanager
+def console(mode: str):
+    """The console for one command: the logging configs' environment variables (restored after),
+    progress bars off when quiet, and for the subcommands Hydra does not configure (eval, plan, ...)
+    tlbench's own log lines at the mode's level."""
+    import logging
+
+    from . import progress
+
+    saved = {k: os.environ.get(k) for k in ("TLBENCH_CONSOLE_LEVEL", "TLBENCH_CONSOLE_FORMAT", "TLBENCH_HYDRA_LEVEL")}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(CONSOLE_ENV[mode])
+    progress.configure(console=mode != "quiet")
+    handler = None
+    if mode == "verbose" and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger("tlbench").addHandler(handler)
+        logging.getLogger("tlbench").setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            logging.getLogger("tlbench").removeHandler(handler)
+        progress.configure(console=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug(argv)
     allow_code = "--allow-code" in argv
-    argv = [a for a in argv if a not in ("--debug", "--allow-code")]
+    try:
+        mode = _console_mode(argv)
+    except TlbenchError as e:
+        print(f"tlbench: error: {e}", file=sys.stderr)
+        return 2
+    argv = [a for a in argv if a not in ("--debug", "--allow-code", *CONSOLE_FLAGS)]
+    with console(mode):
+        return _main(argv, debug, allow_code)
+
+
+def _main(argv: list[str], debug: bool, allow_code: bool) -> int:
     try:
         if len(argv) > 1 and argv[0] in SUBCOMMAND_HELP and ("--help" in argv[1:] or "-h" in argv[1:]):
             print(SUBCOMMAND_HELP[argv[0]])

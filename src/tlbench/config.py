@@ -30,6 +30,7 @@ MONITORS = ("val/loss", "val/accuracy", "val/macro_f1")  # the mode (min for los
 RECONSTRUCTION_MODELS = ("cae",)  # models trained to reconstruct their input (tlbench.recon), not to classify
 LOSSES = {"classification": ("auto", "cross_entropy"), "reconstruction": ("auto", "mse", "bce")}
 INIT_PARTS = ("backbone", "encoder", "all")  # what model.init_from loads (tlbench.transfer)
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # tlbench.loggers; mlflow/wandb: optional extras, offline
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ class Config:
     seed: int = 0
     experiment: Optional[str] = None  # name of the preset, informational
     loss: str = "auto"  # auto = cross_entropy (classifiers) | mse (cae); cae also: bce
+    logger: tuple[str, ...] = ("tensorboard", "csv")  # where metrics go besides results.json (LOGGERS)
+    logger_dir: Optional[str] = None  # mlflow's file store / wandb's offline files; None = inside the run dir
 
     @property
     def batch_size(self) -> int:
@@ -356,6 +359,10 @@ def validate(cfg: Config) -> Config:
     _check_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
     _check_range("model.image_size", cfg.model.image_size, 8)
     _check_choice("model.in_chans", cfg.model.in_chans, (1, 3))
+    for name in cfg.logger:
+        if name not in LOGGERS:
+            raise TlbenchError(f"logger=[{','.join(cfg.logger)}]: {name!r} is not a logger; choose from "
+                               f"{choices(LOGGERS)} (default logger=[tensorboard,csv]; logger=[] for none)")
     _validate_more(cfg)
     return cfg
 
@@ -523,6 +530,8 @@ def config_hash(cfg: Config) -> str:
     d["trainer"].pop("devices", None)  # N processes train on the same global batches (results.json says how many)
     for group, key in SPEED_KEYS:  # how batches are made and run, not what they are (results.json's "speed")
         d[group].pop(key, None)
+    d.pop("logger", None)  # nor where the metrics are reported
+    d.pop("logger_dir", None)
     d.pop("sweep", None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -178,9 +178,12 @@ def run_summary_lines(run_dir, results: dict, sweeping: bool = False, sweep_dir=
     values = ", ".join(f"{t} {m[name]:.4f}" for t, m in metrics.items())
     if sweeping:
         where = sweep_dir or run_dir.parent
-        return [f"val {name}: {values} (the sweep's objective; best epoch {results.get('best_epoch')}, {params})",
-                f"run directory: {run_dir}",
-                f"test metrics are kept for the end of the sweep: tlbench compare {where}"]
-    return [f"test {name}: {values} (best epoch {results.get('best_epoch')}, {params})",
-            f"run directory: {run_dir}",
-            f"inspect with:  tensorboard --logdir {run_dir / 'tb'}"]
+        lines = [f"val {name}: {values} (the sweep's objective; best epoch {results.get('best_epoch')}, {params})",
+                 f"run directory: {run_dir}",
+                 f"test metrics are kept for the end of the sweep: tlbench compare {where}"]
+        if (Path(where) / "tb").is_dir():
+            lines.append(f"runs by their overrides: tensorboard --logdir {Path(where) / 'tb'}")
+        return lines
+    lines = [f"test {name}: {values} (best epoch {results.get('best_epoch')}, {params})",
+             f"run directory: {run_dir}"]
+    return lines + ([f"inspect with:  tensorboard --logdir {run_dir / 'tb'}"] if (run_dir / "tb").is_dir() else [])

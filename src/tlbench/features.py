@@ -161,6 +161,7 @@ def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: Cach
         labels = {t: ds.labels[t][:n] for t in bundle.tasks}
         setattr(cached, name, FeatureSplit(arrays[0], arrays[1] if len(arrays) > 1 else None, labels, ds.indices[:n]))
     seconds = time.perf_counter() - t0
+    log.debug("feature store %s, key %s (%s)", store.root, make_key(base), base)
     record = {"applied": True, "reason": decision.reason, "split_block": decision.split_block,
               "store": str(store.root) if store.root else None, "store_key": make_key(base), "dtype": dtype,
               "compute_s": seconds, "reused": all(reused)}
@@ -204,9 +205,14 @@ def _image_batches(ds, n: int, batch: int, device):
 def _prefix_pass(prefix, ds, n: int, cfg: Config, opts: LoopOptions, dtype, path=None) -> Optional[np.ndarray]:
     """The prefix over the first ``n`` items of ``ds``: returned as one array, or, with ``path``,
     written batch by batch into a memory-mapped ``.npy`` there (never all in memory)."""
+    from . import progress
+
     out, mm, i = [], None, 0
+    batch = max(cfg.batch_size, 64)
+    log.info("frozen prefix: computing the outputs of %d images (once)", n)
     with torch.inference_mode():
-        for x in _image_batches(ds, n, max(cfg.batch_size, 64), opts.device):
+        for x in progress.bar(_image_batches(ds, n, batch, opts.device), total=-(-n // batch),
+                              desc=f"frozen prefix ({n} images)", unit="batch"):
             with autocast(opts):
                 h = prefix(batch_to(x, opts))
             h = h.float().cpu().numpy().astype(dtype)

@@ -136,13 +136,14 @@ class EarlyLog(logging.Handler):
     ``train.log``, so a refused command leaves no log file behind."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
+        super().__init__(logging.NOTSET)  # train.log gets every line, DEBUG included
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
     def __enter__(self) -> "EarlyLog":
+        full_detail()
         logging.getLogger().addHandler(self)
         return self
 
@@ -156,6 +157,14 @@ class EarlyLog(logging.Handler):
         self.records.clear()
 
 
+def full_detail() -> None:
+    """tlbench's DEBUG lines are made (train.log keeps them); each console handler's own level
+    (``--quiet`` / ``--verbose``) decides what it shows."""
+    logger = logging.getLogger("tlbench")
+    if logger.level == logging.NOTSET or logger.level > logging.DEBUG:
+        logger.setLevel(logging.DEBUG)
+
+
 def open_log(run_dir: Path, name: str = "train.log") -> logging.Handler:
     """Attach ``run_dir/train.log`` to the root logger (once) and return its handler."""
     path = str((Path(run_dir) / name).resolve())
@@ -166,6 +175,7 @@ def open_log(run_dir: Path, name: str = "train.log") -> logging.Handler:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     root.addHandler(handler)
+    full_detail()
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     return handler

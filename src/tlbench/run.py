@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import __version__, dist
+from . import __version__, dist, progress
 from . import speed as speeds
 from .build import build_everything, progress_enabled, seed_everything, versions
 from .checkpoint import load as load_checkpoint
@@ -33,6 +33,7 @@ from .optim import build_optimizer, build_scheduler
 from .recon import extend_hooks, objective
 from .record import (EarlyLog, RunLock, check_writable, close_log, config_diff, is_fresh, open_log, preflight,
                      write_hydra_record, write_status)
+from .loggers import check_available, hparams, open_tracker
 from .tracking import Tracker, write_epochs_csv, write_json
 from .transfer import results_fields
 
@@ -66,11 +67,15 @@ def _hooks(cfg: Config, run_dir: Path, tracker: Tracker, stop_after, tasks) -> F
         scalars.update({f"macro_f1/val/{t}": f for t, f in rec["val"].get("macro_f1", {}).items()})
         scalars.update({f"lr/{g}": lr for g, lr in rec["lr"].items()})
         tracker.scalars(scalars, rec["epoch"])
-        write_epochs_csv(run_dir / "metrics.csv", state.history)
+        if "csv" in cfg.logger:
+            write_epochs_csv(run_dir / "metrics.csv", state.history)
         accs = " ".join(f"{t}={a:.4f}" for t, a in rec["val"]["accuracy"].items())
-        log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f val_acc[%s] (%.1fs+%.1fs)%s",
+        accs = f" val_acc[{accs}]" if accs else ""  # a reconstruction scores no accuracy
+        left = progress.eta(state.history, cfg.trainer.max_epochs)
+        log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f%s (%.1fs+%.1fs)%s%s",
                  rec["epoch"], cfg.trainer.max_epochs, rec["train"]["loss"], rec["val"]["loss"], accs,
-                 rec["train_seconds"], rec["val_seconds"], " *best*" if state.best_epoch == rec["epoch"] else "")
+                 rec["train_seconds"], rec["val_seconds"], " *best*" if state.best_epoch == rec["epoch"] else "",
+                 f" eta {left}" if left else "")
 
     def train_mode(state: TrainState) -> None:
         state.model.train()
@@ -173,6 +178,7 @@ def train(cfg: Config, run_dir: Path, stop_after: Optional[int] = None,
     finally:
         early.__exit__()
         close_log(run_dir)
+        progress.configure(config=True)  # trainer.progress is this run's: the next command decides anew
 
 
 def _follow(cfg: Config, run_dir: Path, stop_after: Optional[int], sweeping: bool) -> Optional[dict]:
@@ -217,6 +223,8 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
         log.info("torch uses %d CPU thread(s) (OMP_NUM_THREADS=%s, set e.g. by torchrun or the joblib launcher); a plain run "
                  "here uses more and its numbers differ in the last digits: set trainer.num_threads to compare "
                  "runs exactly", torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])
+    check_available(cfg.logger)  # an optional logger that is not installed: refused before anything is written
+    progress.configure(config=cfg.trainer.progress and dist.world().main)  # bars: rank 0 only
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle, model, plan = build_everything(cfg)
     device = dist.rank_device(select_device(cfg.trainer.device))
@@ -226,6 +234,8 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
     state = _new_state(cfg, model, plan, speed)
     resuming = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").is_file()
     ctx = _Ctx(bundle, state, device, resuming, stop_after, t0, speed=speed)
+    log.debug("config (hash %s): %s", config_hash(cfg), to_dict(cfg))
+    log.debug("class counts per split: %s; %d torch threads", bundle.class_counts, torch.get_num_threads())
     ctx.decision = decide(cfg, model, plan)  # trainer.cache_features=true that cannot apply: refused here
     return ctx
 
@@ -266,7 +276,7 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
     state, bundle, main = ctx.state, ctx.bundle, dist.world().main
     if main:
         _write_run_files(cfg, run_dir, bundle)
-    ctx.tracker = Tracker(run_dir, enabled=main)
+    ctx.tracker = open_tracker(cfg, run_dir, ctx.sweeping) if main else Tracker(run_dir, enabled=False)
     hooks = _hooks(cfg, run_dir, ctx.tracker, ctx.stop_after, bundle.tasks)
     if ctx.resuming:
         _resume(cfg, run_dir, state)
@@ -296,7 +306,8 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
                          train_mode=hooks.train_mode)
     if dist.world().size > 1:
         hooks.wrap = _ddp(ctx.device)
-    fit(state, ctx.loaders, list(bundle.tasks), ctx.opts, cfg.trainer, hooks)
+    with progress.EpochBar(cfg.trainer.max_epochs, state.epoch, show=ctx.opts.progress) as bar:
+        fit(state, ctx.loaders, list(bundle.tasks), ctx.opts, cfg.trainer, bar.hooked(hooks))
     return finish(cfg, run_dir, ctx)
 
 
@@ -403,23 +414,9 @@ def decision_applied(ctx: _Ctx) -> bool:
     return bool(ctx.decision is not None and ctx.decision.applied)
 
 
-def _hparam_keys(run_dir: Path) -> Optional[set]:
-    """The keys the user chose on the command line (Hydra's overrides.yaml), as dotted names;
-    a group choice ``model=vgg16`` means ``model.name``. None when the run has no Hydra files."""
-    import yaml
-
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return None
-    keys = {"dataset.name", "model.name", "freeze.name", "seed"}
-    for o in yaml.safe_load(path.read_text()) or []:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if not key.startswith("hydra"):
-            keys.add(key if "." in key or key in ("seed", "experiment") else f"{key}.name")
-    return keys
-
-
 def _final_scalars(cfg: Config, results: dict, tracker: Tracker, run_dir: Path, splits=("val", "test")) -> None:
+    """The final metrics (a sweep's job: val only) with the full hyperparameter set (HPARAMS in
+    TensorBoard, params in MLflow, config in W&B)."""
     step = results["best_epoch"] or 0
     metrics = {}
     for split in splits:
@@ -427,15 +424,7 @@ def _final_scalars(cfg: Config, results: dict, tracker: Tracker, run_dir: Path, 
             for name in ("accuracy", "psnr", "ssim"):  # the headline (classification / reconstruction)
                 if name in m:
                     tracker.scalars({f"{name}/{split}_best/{t}": m[name]}, step)
-                    metrics[f"hparam/{split}_{name}_{t}"] = m[name]
-            metrics[f"hparam/{split}_loss_{t}"] = m["loss"]
-    flat = {}
-    for group, values in to_dict(cfg).items():
-        if isinstance(values, dict):
-            flat.update({f"{group}.{k}": v for k, v in values.items() if k not in ("resume", "progress")})
-        else:
-            flat[group] = values
-    keys = _hparam_keys(run_dir)  # a sweep's HPARAMS table shows what the sweep varied
-    tracker.hparams({k: v for k, v in flat.items() if keys is None or k in keys}, metrics)
-
-
+            for key in ("accuracy", "macro_f1", "loss", "psnr", "ssim"):
+                if isinstance(m.get(key), (int, float)):
+                    metrics[f"hparam/{split}_{key}_{t}"] = m[key]
+    tracker.hparams(hparams(cfg), metrics, step)

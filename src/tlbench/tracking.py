@@ -21,38 +21,83 @@ log = logging.getLogger(__name__)
 
 
 class Tracker:
-    """TensorBoard scalars/images/hparams under ``run_dir/tb``."""
+    """What a run reports to while it trains: TensorBoard under ``run_dir/tb`` (when ``enabled``)
+    and the optional loggers of ``tlbench.loggers`` (``backends``: scalars and hyperparameters).
+    A logger that fails is switched off with a warning (``loggers.warn_off``): the run, its
+    checkpoints and ``results.json`` never depend on one."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, backends=()):
         self.run_dir = Path(run_dir)
         self.writer = None
+        self.backends = list(backends)
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def _tb(self, fn, *args) -> None:
         if self.writer:
+            try:
+                fn(*args)
+            except Exception as e:
+                from .loggers import warn_off
+
+                warn_off("tensorboard", e)
+                self.writer = None
+
+    def _each(self, method: str, *args) -> None:
+        for b in list(self.backends):
+            try:
+                getattr(b, method)(*args)
+            except Exception as e:
+                from .loggers import warn_off
+
+                warn_off(b.name, e)
+                self.backends.remove(b)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        def tb():
             for tag, v in values.items():
                 self.writer.add_scalar(tag, v, step)
 
+        self._tb(tb)
+        self._each("scalars", values, step)
+
     def image(self, tag: str, img, step: int = 0) -> None:
-        if self.writer:
-            self.writer.add_image(tag, img, step)
+        self._tb(lambda: self.writer.add_image(tag, img, step))
 
     def figure(self, tag: str, fig, step: int = 0) -> None:
-        if self.writer:
-            self.writer.add_figure(tag, fig, step, close=False)
+        self._tb(lambda: self.writer.add_figure(tag, fig, step, close=False))
 
-    def hparams(self, hparams: dict, metrics: dict) -> None:
-        if self.writer:
-            clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-            self.writer.add_hparams(clean, metrics, run_name=".")
+    def hparams(self, hparams: dict, metrics: dict, step: int = 0) -> None:
+        """HPARAMS in this run's own events file (no second writer): the hyperparameters with the
+        final metrics, which are also written as scalars (the dashboard reads them from there)."""
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+
+        def tb():
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+            writer = self.writer._get_file_writer()
+            for summary in hparams_summary(clean, metrics):
+                writer.add_summary(summary)
+            for tag, v in metrics.items():
+                self.writer.add_scalar(tag, v, step)
+
+        self._tb(tb)
+        self._each("hparams", clean, metrics, step)
 
     def close(self) -> None:
+        """Flush and close every logger; an optional one learns how the run ended (read from the
+        exception being handled, if any: ``loggers.exit_status``)."""
+        from .loggers import exit_status
+
+        status = exit_status()
+        self._each("close", status)
+        self.backends = []
         if self.writer:
-            self.writer.flush()
-            self.writer.close()
+            self._tb(self.writer.flush)
+            self._tb(self.writer.close)
+            self.writer = None
 
 
 def write_predictions(path: Path, indices, targets, preds, probs, class_names, relpaths=None) -> None:
@@ -110,7 +155,7 @@ def log_test_figures(run_dir: Path, task: str, c: dict, names, dataset, tracker,
     if tracker:
         tracker.figure(f"reliability/{task}", fig)
     if tracker and tracker.writer and len(names) == 2:
-        tracker.writer.add_pr_curve(f"pr_curve/{task}", y, prob[:, 1], 0)
+        tracker._tb(lambda: tracker.writer.add_pr_curve(f"pr_curve/{task}", y, prob[:, 1], 0))
     save_misclassified(run_dir, task, c, names, dataset, tracker, prefix, split)
 
 

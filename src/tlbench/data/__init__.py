@@ -22,7 +22,7 @@ from ..config import DatasetConfig
 from ..errors import TlbenchError, choices
 from ..models.base import InputSpec
 from .base import DataBundle, Source, unpack
-from .pipeline import ImageSplit, choose, tensor_splits
+from .pipeline import ImageSplit, choose, tensor_splits  # noqa: F401  (ImageSplit: tlbench.data.ImageSplit)
 from .splits import limit_per_class, make_splits, subset_seed, train_subset
 from .transforms import build_transforms
 
@@ -115,7 +115,9 @@ def materialize(ds: SplitDataset) -> Dataset:
     x0 = ds[0][0]
     if x0.numel() * 4 * len(ds) > MATERIALIZE_BYTES:
         return ds
-    x = torch.stack([x0] + [ds[i][0] for i in range(1, len(ds))])
+    from ..progress import bar
+
+    x = torch.stack([x0] + [ds[i][0] for i in bar(range(1, len(ds)), desc=f"decoding {len(ds)} images", unit="img")])
     return TensorSplit(x, ds.labels, ds.indices)
 
 
