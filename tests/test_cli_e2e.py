@@ -122,7 +122,7 @@ def test_list_prints_the_options_of_a_group():
 def test_help_lists_subcommands_and_every_option_of_the_groups():
     code, out, _ = _tlbench("--help")
     assert code == 0 and "tlbench eval RUN_DIR" in out
-    assert "dataset: chest_xray, cifar10, emnist" in out and "model: cait_s24, cnn" in out
+    assert "dataset: chest_xray, cifar10, emnist" in out and "model: cae, cait_s24, cnn" in out
     assert "trainer: default, smoke" in out and "experiment: chest_xray_fe_vs_ft" in out
 
 

@@ -105,7 +105,7 @@ def test_bars_on_a_terminal(tmp_path, capsys, monkeypatch):
     """On a terminal: a bar while decoding a split, during the frozen-prefix pass, per epoch (k/N,
     the last validation metrics) and per batch; the epoch lines still go above them."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    code, run = _run(tmp_path, "freeze=linear_probe", progress=True)
+    code, run = _run(tmp_path, "freeze=linear_probe", "dataset.pipeline=loader", progress=True)
     out, err = capsys.readouterr()
     assert code == 0
     err = err.replace("\r", "\n")

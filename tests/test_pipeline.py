@@ -5,6 +5,7 @@ decoded file datasets cached on disk, DDP sharding, the choice between the paths
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,17 @@ def test_a_tiny_run_gives_the_same_metrics_both_ways(cli, tmp_path):
         assert e_t["val"]["loss"] == pytest.approx(e_l["val"]["loss"], rel=2e-3)
     assert t["test"]["label"]["accuracy"] == pytest.approx(lo["test"]["label"]["accuracy"], abs=0.01)
     assert t["config_hash"] == lo["config_hash"]  # the path is how, not what (a resume may switch)
+
+
+def test_decoding_files_shows_a_bar_on_a_terminal(monkeypatch, tmp_path, capsys):
+    """The tensor path's one-off decode of a file dataset is not silent on a terminal (#16)."""
+    import sys
+
+    from tlbench import progress
+
+    noise_files(tmp_path / "data", per_class=8)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    progress.configure(console=True, config=True)
+    _bundle(monkeypatch, None, "tensor", name="image_folder", root=str(tmp_path / "data"))
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert re.search(r"decoding 24 images: +\d+%\|.*\| \d+/24 ", err), err

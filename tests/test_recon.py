@@ -148,8 +148,12 @@ def test_hash_of_classification_configs_is_unchanged():
     before = to_dict(cfg)  # the config as runs recorded it before these keys existed
     for key in ("init_part", "latent"):
         del before["model"][key]
-    del before["loss"], before["sweep"]
-    for key in ("resume", "progress", "feature_store"):
+    del before["loss"], before["sweep"], before["logger"], before["logger_dir"]
+    for key in ("train_fraction", "train_per_class", "pipeline", "tensor_budget_gb"):
+        del before["dataset"][key]
+    del before["optim"]["impl"]
+    for key in ("resume", "progress", "feature_store", "devices", "compile", "channels_last", "cudnn_benchmark",
+                "tf32"):
         del before["trainer"][key]
     assert config_hash(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert config_hash(cfg) != config_hash(dataclasses.replace(cfg, loss="cross_entropy"))

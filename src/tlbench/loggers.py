@@ -31,6 +31,7 @@ from typing import Optional
 
 from .config import LOGGERS, Config, to_dict
 from .errors import TlbenchError
+from .tracking import Tracker, exit_status, warn_off  # noqa: F401  (exit_status, warn_off: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -228,26 +229,9 @@ def open_backends(cfg: Config, run_dir: Path, name: str) -> list:
     return out
 
 
-def warn_off(logger: str, e: BaseException) -> None:
-    log.warning("logger %s failed and is off for the rest of this run (%s: %s); the run goes on, and "
-                "results.json and the checkpoints do not depend on it", logger, type(e).__name__, e)
-
-
-def exit_status() -> str:
-    """How the run is ending, as seen from a ``finally`` block: finished | interrupted | failed."""
-    exc = sys.exc_info()[1]
-    if exc is None:
-        return "finished"
-    from .engine import Interrupted
-
-    return "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
-
-
 def open_tracker(cfg: Config, run_dir: Path, sweeping: bool = False):
     """The run's :class:`~tlbench.tracking.Tracker` for ``cfg.logger``, named by the run's
     overrides (``.hydra/overrides.yaml``); a sweep's job also gets its named link in ``SWEEP_DIR/tb``."""
-    from .tracking import Tracker
-
     name = run_name(overrides_of(run_dir))
     tensorboard = "tensorboard" in cfg.logger
     tracker = Tracker(run_dir, enabled=tensorboard, backends=open_backends(cfg, run_dir, name))

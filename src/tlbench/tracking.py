@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,25 @@ from .metrics import classification_report
 log = logging.getLogger(__name__)
 
 
+def warn_off(logger: str, e: BaseException) -> None:
+    log.warning("logger %s failed and is off for the rest of this run (%s: %s); the run goes on, and "
+                "results.json and the checkpoints do not depend on it", logger, type(e).__name__, e)
+
+
+def exit_status() -> str:
+    """How the run is ending, as seen from a ``finally`` block: finished | interrupted | failed."""
+    exc = sys.exc_info()[1]
+    if exc is None:
+        return "finished"
+    from .engine import Interrupted
+
+    return "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
+
+
 class Tracker:
     """What a run reports to while it trains: TensorBoard under ``run_dir/tb`` (when ``enabled``)
     and the optional loggers of ``tlbench.loggers`` (``backends``: scalars and hyperparameters).
-    A logger that fails is switched off with a warning (``loggers.warn_off``): the run, its
+    A logger that fails is switched off with a warning (``warn_off``): the run, its
     checkpoints and ``results.json`` never depend on one."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, backends=()):
@@ -40,8 +56,6 @@ class Tracker:
             try:
                 fn(*args)
             except Exception as e:
-                from .loggers import warn_off
-
                 warn_off("tensorboard", e)
                 self.writer = None
 
@@ -50,8 +64,6 @@ class Tracker:
             try:
                 getattr(b, method)(*args)
             except Exception as e:
-                from .loggers import warn_off
-
                 warn_off(b.name, e)
                 self.backends.remove(b)
 
@@ -89,8 +101,6 @@ class Tracker:
     def close(self) -> None:
         """Flush and close every logger; an optional one learns how the run ended (read from the
         exception being handled, if any: ``loggers.exit_status``)."""
-        from .loggers import exit_status
-
         status = exit_status()
         self._each("close", status)
         self.backends = []

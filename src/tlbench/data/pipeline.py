@@ -43,6 +43,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import TlbenchError
 from ..models.base import InputSpec
+from .. import progress
 from ..store import FeatureStore, as_tensor, make_key
 from .base import Source, unpack
 from .transforms import _ChannelFix, crop_padding, model_size
@@ -133,7 +134,8 @@ def _decode_files(source: Source, idx, st: Storage) -> np.ndarray:
         return np.asarray(resize(fix(source.image(int(i)))))
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        a = np.stack(list(pool.map(one, idx)))
+        a = np.stack(list(progress.bar(pool.map(one, idx), total=len(idx), desc=f"decoding {len(idx)} images",
+                                       unit="img")))
     return _from_array(a, st)
 
 
