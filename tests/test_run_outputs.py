@@ -71,12 +71,31 @@ def test_checkpoint_selection_on_validation_macro_f1(tmp_path):
     assert any(t.startswith("macro_f1/val") for t in _tags(tmp_path / "r"))
 
 
+def test_validation_ece_per_epoch_matches_the_final_report(tmp_path):
+    """The validation ECE of every epoch is in the record, metrics.csv and TensorBoard (ece/val/<task>);
+    the best epoch's value is the one results.json reports for val (same model, same bins)."""
+    import csv
+
+    from tlbench.run import train
+
+    cfg = compose_cfg("trainer.max_epochs=3", "trainer.batch_size=256", "trainer.progress=false",
+                      "eval.calibration_bins=7", "optim.lr=0.02")
+    res = train(cfg, tmp_path / "r")
+    ece = [e["val"]["ece"]["label"] for e in res["epochs"]]
+    assert all(0.0 < v < 1.0 for v in ece) and len(set(ece)) == 3
+    assert res["val"]["label"]["ece"] == pytest.approx(ece[res["best_epoch"] - 1], abs=1e-6)
+    rows = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    assert [float(r["val_ece_label"]) for r in rows] == pytest.approx(ece, rel=1e-6)
+    assert "ece/val/label" in _tags(tmp_path / "r")
+
+
 def test_monitor_value_and_mode_follow_the_metric():
     """An imbalanced validation set where accuracy and macro F1 disagree: the monitor reads the
     metric it names, and every monitor but the loss is higher-is-better."""
     import numpy as np
 
-    from tlbench.engine import EpochResult, improved, monitor_value
+    from tlbench.engine import EpochResult
+    from tlbench.metrics import improved, monitor_value
 
     def epoch(preds):
         y = np.array([0] * 8 + [1, 2])

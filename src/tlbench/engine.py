@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import dist
 from .errors import TlbenchError
+from .metrics import epoch_ece, improved, macro_f1, monitor_value
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class LoopOptions:
     on_step: Optional[Callable[[int, torch.Tensor], None]] = None  # training: (step in epoch, loss on device)
     channels_last: bool = False  # 4-d batches in channels-last memory format (speed.py)
     objective: Optional[object] = None  # None = Classification(class_weights); recon.Reconstruction
+    calibration_bins: int = 15  # of each epoch's validation ECE (eval.calibration_bins)
 
 
 def batch_to(x: torch.Tensor, opts: "LoopOptions") -> torch.Tensor:
@@ -303,33 +305,6 @@ class SignalGuard:
         return False
 
 
-LOWER_IS_BETTER = ("val/loss",)  # every other monitor (accuracy, macro F1) is higher-is-better
-
-
-def improved(monitor: str, value: float, best: Optional[float]) -> bool:
-    if best is None:
-        return True
-    return value < best if monitor in LOWER_IS_BETTER else value > best
-
-
-def macro_f1(collected: dict) -> dict[str, float]:
-    """Macro F1 per task from an epoch's collected targets and predictions (scikit-learn)."""
-    from sklearn.metrics import f1_score
-
-    return {t: float(f1_score(c["targets"], c["preds"], average="macro", zero_division=0))
-            for t, c in collected.items() if "preds" in c}  # (a reconstruction has no classes)
-
-
-def monitor_value(monitor: str, val: EpochResult) -> float:
-    """The monitored validation number (mean over tasks): val/loss, val/accuracy, val/macro_f1."""
-    if monitor == "val/loss":
-        return val.loss
-    if monitor == "val/macro_f1":
-        return float(np.mean(list(macro_f1(val.collected).values())))
-    return float(np.mean(list(val.accuracy.values())))
-
-
-
 @dataclass
 class TrainState:
     """Everything that changes during training (and goes into a checkpoint)."""
@@ -420,7 +395,7 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
             else:
                 state.bad_epochs += 1
             state.epoch = epoch + 1
-            record = _epoch_record(state.epoch, train, val, lrs)
+            record = _epoch_record(state.epoch, train, val, lrs, opts.calibration_bins)
             state.history.append(record)
             hooks.log_epoch(state, record)
             if is_best:
@@ -452,11 +427,11 @@ def _check_divergence(state: TrainState, train: EpochResult, tcfg, epoch: int) -
                         epoch, state.step + train.steps)
 
 
-def _epoch_record(epoch: int, train: EpochResult, val: EpochResult, lrs: dict) -> dict:
+def _epoch_record(epoch: int, train: EpochResult, val: EpochResult, lrs: dict, bins: int = 15) -> dict:
     return {
         "epoch": epoch,
         "train": {"loss": train.loss, "task_loss": train.task_loss, "accuracy": train.accuracy, "n": train.n},
         "val": {"loss": val.loss, "task_loss": val.task_loss, "accuracy": val.accuracy,
-                "macro_f1": macro_f1(val.collected), "n": val.n},
+                "macro_f1": macro_f1(val.collected), "ece": epoch_ece(val.collected, bins), "n": val.n},
         "lr": lrs, "train_seconds": train.seconds, "val_seconds": val.seconds,
     }

@@ -24,14 +24,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from .config import LOGGERS, Config, to_dict
 from .errors import TlbenchError
-from .tracking import Tracker, exit_status, warn_off  # noqa: F401  (exit_status, warn_off: re-exported)
+from .tracking import Tracker, warn_off
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,8 @@ number in ``results.json`` can be recomputed from that file.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from sklearn import metrics as skm
 
@@ -100,3 +102,36 @@ def classification_report(targets, preds, class_names: list[str]) -> str:
     return skm.classification_report(
         targets, preds, labels=list(range(len(class_names))), target_names=class_names, digits=4, zero_division=0
     )
+
+
+# ----------------------------------------------------------------------------- per epoch (engine.fit)
+LOWER_IS_BETTER = ("val/loss",)  # every other monitor (accuracy, macro F1) is higher-is-better
+
+
+def improved(monitor: str, value: float, best: Optional[float]) -> bool:
+    if best is None:
+        return True
+    return value < best if monitor in LOWER_IS_BETTER else value > best
+
+
+def macro_f1(collected: dict) -> dict[str, float]:
+    """Macro F1 per task from an epoch's collected targets and predictions (scikit-learn)."""
+    return {t: float(skm.f1_score(c["targets"], c["preds"], average="macro", zero_division=0))
+            for t, c in collected.items() if "preds" in c}  # (a reconstruction has no classes)
+
+
+def epoch_ece(collected: dict, bins: int = 15) -> dict[str, float]:
+    """Expected calibration error per task from an epoch's collected targets and probabilities
+    (the same bins as ``results.json``'s ``ece``)."""
+    return {t: expected_calibration_error(np.asarray(c["targets"]), np.asarray(c["probs"], dtype=np.float64), bins)
+            for t, c in collected.items() if "probs" in c}
+
+
+def monitor_value(monitor: str, val) -> float:
+    """The monitored validation number (mean over tasks) of an epoch's ``engine.EpochResult``:
+    val/loss, val/accuracy, val/macro_f1."""
+    if monitor == "val/loss":
+        return val.loss
+    if monitor == "val/macro_f1":
+        return float(np.mean(list(macro_f1(val.collected).values())))
+    return float(np.mean(list(val.accuracy.values())))

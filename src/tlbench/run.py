@@ -65,6 +65,7 @@ def _hooks(cfg: Config, run_dir: Path, tracker: Tracker, stop_after, tasks) -> F
                 if len(rec[split]["accuracy"]) > 1:
                     scalars[f"loss/{split}/{t}"] = rec[split]["task_loss"][t]
         scalars.update({f"macro_f1/val/{t}": f for t, f in rec["val"].get("macro_f1", {}).items()})
+        scalars.update({f"ece/val/{t}": e for t, e in rec["val"].get("ece", {}).items()})
         scalars.update({f"lr/{g}": lr for g, lr in rec["lr"].items()})
         tracker.scalars(scalars, rec["epoch"])
         if "csv" in cfg.logger:
@@ -289,7 +290,8 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
                            grad_clip=cfg.trainer.grad_clip, progress=progress_enabled(cfg) and main,
                            class_weights=_class_weights(bundle, ctx.device),
                            on_step=_step_logger(cfg, state, ctx.tracker) if main else None,
-                           objective=objective(cfg, state.model.backbone.input_spec))
+                           objective=objective(cfg, state.model.backbone.input_spec),
+                           calibration_bins=cfg.eval.calibration_bins)
     hooks = extend_hooks(hooks, ctx.opts.objective, state.model, bundle.val, ctx.tracker)
     decision = ctx.decision
     if decision.applied:

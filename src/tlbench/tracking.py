@@ -212,6 +212,8 @@ def write_epochs_csv(path: Path, history: list[dict]) -> None:
     header += [f"{s}_accuracy_{t}" for s in ("train", "val") for t in tasks]
     f1 = "macro_f1" in history[0]["val"]
     header += [f"val_macro_f1_{t}" for t in tasks] if f1 else []
+    ece = bool(history[0]["val"].get("ece"))  # classification epochs recorded since the ECE was added
+    header += [f"val_ece_{t}" for t in tasks] if ece else []
     if len(tasks) > 1:
         header += [f"{s}_loss_{t}" for s in ("train", "val") for t in tasks]
     header += [f"lr_{g}" for g in groups] + ["train_seconds", "val_seconds"]
@@ -222,6 +224,7 @@ def write_epochs_csv(path: Path, history: list[dict]) -> None:
         row = [h["epoch"], h["train"]["loss"], h["val"]["loss"]]
         row += [h[s]["accuracy"][t] for s in ("train", "val") for t in tasks]
         row += [h["val"]["macro_f1"][t] for t in tasks] if f1 else []
+        row += [h["val"].get("ece", {}).get(t) for t in tasks] if ece else []
         if len(tasks) > 1:
             row += [h[s]["task_loss"][t] for s in ("train", "val") for t in tasks]
         row += [h["lr"].get(g) for g in groups] + [h["train_seconds"], h["val_seconds"]]
