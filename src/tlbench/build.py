@@ -13,6 +13,7 @@ from . import __version__
 from .config import Config, check_tasks, is_reconstruction
 from .data import build_data
 from .models import build_backbone, build_task_model
+from .registry import DATASETS, MODELS
 from .store import open_store
 
 
@@ -71,14 +72,13 @@ def download(cfg: Config) -> list[str]:
     import dataclasses
 
     from .data import load_source
-    from .models import SCRATCH
 
     done = []
-    if cfg.model.name not in SCRATCH:
+    if MODELS[cfg.model.name].family != "scratch":
         from .models.backbones import download_weights
 
         done.append(f"weights for model={cfg.model.name}: {download_weights(cfg.model)}")
-    if cfg.dataset.name in ("cifar10", "emnist"):
+    if DATASETS[cfg.dataset.name].downloads:
         src = load_source(dataclasses.replace(cfg.dataset, download=True))
         done.append(f"dataset={cfg.dataset.name}: {len(src)} images in {cfg.dataset.root}")
     elif cfg.dataset.name != "sklearn_digits":

@@ -16,9 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import registry
 from .errors import TlbenchError, choices
 
-DATASETS = ("sklearn_digits", "cifar10", "emnist", "handwritten_digits", "chest_xray", "image_folder")
+DATASETS = tuple(registry.DATASETS)
 AUGMENTS = ("none", "flip", "flip_crop", "randaugment")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "plateau")
@@ -27,7 +28,7 @@ PIPELINES = ("auto", "tensor", "loader")  # data/pipeline.py
 SWITCHES = ("auto", "true", "false")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")  # speed.optimizer_kwargs
 MONITORS = ("val/loss", "val/accuracy", "val/macro_f1")  # the mode (min for loss, else max) follows the name
-RECONSTRUCTION_MODELS = ("cae",)  # models trained to reconstruct their input (tlbench.recon), not to classify
+RECONSTRUCTION_MODELS = tuple(n for n, m in registry.MODELS.items() if m.task == "reconstruction")  # tlbench.recon
 LOSSES = {"classification": ("auto", "cross_entropy"), "reconstruction": ("auto", "mse", "bce")}
 INIT_PARTS = ("backbone", "encoder", "all")  # what model.init_from loads (tlbench.transfer)
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # tlbench.loggers; mlflow/wandb: optional extras, offline
@@ -295,7 +296,7 @@ def _check_sizes(key: str, values, what: str) -> None:
             raise TlbenchError(f"{key}={list(values)!r}: entry {i} is {v}; {what} must be positive integers")
 
 
-FOLDER_DATASETS = ("handwritten_digits", "chest_xray", "image_folder")
+FOLDER_DATASETS = tuple(n for n, d in registry.DATASETS.items() if d.folders)
 
 
 def validate(cfg: Config) -> Config:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from ..config import DatasetConfig
 from ..errors import TlbenchError, choices
 from ..models.base import InputSpec
+from ..registry import DATASETS
 from .base import DataBundle, Source, unpack
 from .pipeline import ImageSplit, choose, tensor_splits  # noqa: F401  (ImageSplit: tlbench.data.ImageSplit)
 from .splits import limit_per_class, make_splits, subset_seed, train_subset
@@ -28,29 +29,20 @@ from .transforms import build_transforms
 
 log = logging.getLogger(__name__)
 
-# dataset name -> "module:function" (imported lazily so one family's deps never block another)
-LOADERS = {
-    "sklearn_digits": "sklearn_digits:load",
-    "cifar10": "cifar10:load",
-    "emnist": "emnist:load",
-    "handwritten_digits": "folders:load_handwritten_digits",
-    "chest_xray": "folders:load_chest_xray",
-    "image_folder": "folders:load_image_folder",
-}
 MATERIALIZE_BYTES = 1 << 30  # precompute a split's tensors when they take less than this
 
 
-def family_function(table: dict[str, str], name: str) -> Callable:
-    """The function a ``name -> "module:function"`` table (``LOADERS``, ``meta.META``) names for a
-    dataset, imported lazily (one family's dependencies never block another)."""
-    if name not in table:
-        raise TlbenchError(f"dataset={name!r} is unknown; choose one of {choices(LOADERS)}")
-    module, fn = table[name].split(":")
-    return getattr(importlib.import_module(f".{module}", __name__), fn)
+def family_function(name: str, role: str) -> Callable:
+    """A dataset's ``load`` or ``meta`` function (``role``) from ``registry.DATASETS``, its module
+    imported only now (one family's dependencies never block another)."""
+    if name not in DATASETS:
+        raise TlbenchError(f"dataset={name!r} is unknown; choose one of {choices(DATASETS)}")
+    entry = DATASETS[name]
+    return getattr(importlib.import_module(f".{entry.module}", __name__), getattr(entry, role))
 
 
 def load_source(cfg: DatasetConfig) -> Source:
-    return family_function(LOADERS, cfg.name)(cfg)
+    return family_function(cfg.name, "load")(cfg)
 
 
 def select_tasks(source: Source, task: str | None) -> list[str]:

@@ -14,19 +14,8 @@ from ..config import DatasetConfig
 from . import family_function, select_tasks
 from .base import DatasetMeta, Source
 
-# dataset name -> "module:function" (like data.LOADERS)
-META = {
-    "sklearn_digits": "sklearn_digits:meta",
-    "cifar10": "cifar10:meta",
-    "emnist": "emnist:meta",
-    "handwritten_digits": "folders:meta_handwritten_digits",
-    "chest_xray": "folders:meta_chest_xray",
-    "image_folder": "folders:meta_image_folder",
-}
-
-
 def dataset_meta(cfg: DatasetConfig) -> DatasetMeta:
-    return family_function(META, cfg.name)(cfg)
+    return family_function(cfg.name, "meta")(cfg)
 
 
 def plan_tasks(cfg: DatasetConfig) -> tuple[dict[str, list[str]], DatasetMeta]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..config import HeadConfig, ModelConfig
+from ..registry import MODELS, models
 from .base import Backbone, InputSpec, TLModel
 from .scratch import ScratchCNN, ScratchMLP
 
-SCRATCH = {"cnn": ScratchCNN, "mlp": ScratchMLP, "cae": ScratchCNN}  # the cae's backbone is its encoder
+# the from-scratch models by name (registry.MODELS): their class (the cae's backbone is its encoder, a cnn)
+SCRATCH = {n: {"cnn": ScratchCNN, "mlp": ScratchMLP}[arch] for n, arch in models("scratch").items()}
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
@@ -23,12 +25,11 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
                                "remove it, or choose a torchvision/timm backbone (tlbench list models)")
         return SCRATCH[cfg.name](cfg)
     from ..errors import TlbenchError, choices
-    from .backbones import BACKBONE_NAMES
     from .backbones import build_backbone as build_pretrainable
 
-    if cfg.name not in BACKBONE_NAMES:
+    if cfg.name not in MODELS:
         raise TlbenchError(f"model.name={cfg.name!r} is not a known model; choose one of "
-                           f"{choices([*SCRATCH, *BACKBONE_NAMES])} (tlbench list models)")
+                           f"{choices(MODELS)} (tlbench list models)")
 
     return build_pretrainable(cfg)
 

@@ -22,17 +22,13 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import TlbenchError, choices
 from . import stages, weights
+from ..registry import models
 from .base import Backbone, InputSpec
 
 log = logging.getLogger(__name__)
 
-TORCHVISION_NAMES = {n: n for n in ("vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "densenet201", "resnet18", "resnet50")}
-TIMM_NAMES = {
-    "deit_base_distilled": "deit_base_distilled_patch16_224",
-    "cait_s24": "cait_s24_224",
-    "deit_tiny": "deit_tiny_patch16_224",
-    **{f"efficientnet_lite{i}": f"tf_efficientnet_lite{i}" for i in range(3)},
-}
+TORCHVISION_NAMES = models("torchvision")  # model name -> the library's name (registry.MODELS)
+TIMM_NAMES = models("timm")
 _TIMM_STAGES = ("blocks", "stages", "layers", "blocks_token_only")  # timm's stage containers
 BACKBONE_NAMES = tuple(sorted([*TORCHVISION_NAMES, *TIMM_NAMES, "torchvision", "timm"]))
 
