@@ -300,7 +300,29 @@ FOLDER_DATASETS = tuple(n for n, d in registry.DATASETS.items() if d.folders)
 
 
 def validate(cfg: Config) -> Config:
-    d, t, o, s = cfg.dataset, cfg.trainer, cfg.optim, cfg.sched
+    """Ranges, choices and cross-field rules (types and unknown keys: the schema, ``to_config``)."""
+    _validate_dataset(cfg.dataset)
+    _validate_optim(cfg.optim, cfg.sched)
+    _validate_trainer(cfg)
+    _check_choice("freeze.bn", cfg.freeze.bn, ("eval", "train"))
+    _check_range("freeze.gradual", cfg.freeze.gradual, 0)
+    _check_range("head.dropout", cfg.head.dropout, 0.0, 1.0)
+    _check_range("eval.bootstrap", cfg.eval.bootstrap, 0)
+    _check_range("eval.calibration_bins", cfg.eval.calibration_bins, 1)
+    for k in cfg.eval.topk:
+        _check_range("eval.topk", k, 1)
+    _check_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
+    _check_range("model.image_size", cfg.model.image_size, 8)
+    _check_choice("model.in_chans", cfg.model.in_chans, (1, 3))
+    for name in cfg.logger:
+        if name not in LOGGERS:
+            raise TlbenchError(f"logger=[{','.join(cfg.logger)}]: {name!r} is not a logger; choose from "
+                               f"{choices(LOGGERS)} (default logger=[tensorboard,csv]; logger=[] for none)")
+    _validate_more(cfg)
+    return cfg
+
+
+def _validate_dataset(d: DatasetConfig) -> None:
     _check_choice("dataset.name", d.name, DATASETS)
     _check_choice("dataset.augment", d.augment, AUGMENTS)
     _check_choice("dataset.class_weights", d.class_weights, ("none", "balanced"))
@@ -323,6 +345,9 @@ def validate(cfg: Config) -> Config:
             "train_per_class=null)")
     _check_range("dataset.batch_size", d.batch_size, 1)
     _check_range("dataset.num_workers", d.num_workers, 0)
+
+
+def _validate_optim(o: OptimConfig, s: SchedConfig) -> None:
     _check_choice("optim.name", o.name, OPTIMIZERS)
     _check_range("optim.lr", o.lr, 0.0, lo_open=True)
     _check_range("optim.head_lr", o.head_lr, 0.0, lo_open=True)
@@ -332,6 +357,10 @@ def validate(cfg: Config) -> Config:
     _check_choice("sched.name", s.name, SCHEDULERS)
     _check_range("sched.step_size", s.step_size, 1)
     _check_range("sched.warmup_epochs", s.warmup_epochs, 0)
+
+
+def _validate_trainer(cfg: Config) -> None:
+    t = cfg.trainer
     _check_choice("trainer.precision", t.precision, PRECISIONS)
     _check_choice("trainer.cache_features", str(t.cache_features).lower(), ("auto", "true", "false"))
     _check_choice("trainer.feature_dtype", t.feature_dtype, ("float16", "float32"))
@@ -350,22 +379,6 @@ def validate(cfg: Config) -> Config:
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise TlbenchError(f"trainer.device={dev!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
-    _check_choice("freeze.bn", cfg.freeze.bn, ("eval", "train"))
-    _check_range("freeze.gradual", cfg.freeze.gradual, 0)
-    _check_range("head.dropout", cfg.head.dropout, 0.0, 1.0)
-    _check_range("eval.bootstrap", cfg.eval.bootstrap, 0)
-    _check_range("eval.calibration_bins", cfg.eval.calibration_bins, 1)
-    for k in cfg.eval.topk:
-        _check_range("eval.topk", k, 1)
-    _check_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
-    _check_range("model.image_size", cfg.model.image_size, 8)
-    _check_choice("model.in_chans", cfg.model.in_chans, (1, 3))
-    for name in cfg.logger:
-        if name not in LOGGERS:
-            raise TlbenchError(f"logger=[{','.join(cfg.logger)}]: {name!r} is not a logger; choose from "
-                               f"{choices(LOGGERS)} (default logger=[tensorboard,csv]; logger=[] for none)")
-    _validate_more(cfg)
-    return cfg
 
 
 def _validate_speed(cfg: Config) -> None:

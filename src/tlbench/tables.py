@@ -465,38 +465,44 @@ def figure(rows: Sequence[Row], errorbar: str = "ci", size: str = "two", xscale:
                 _curve_panel(ax, pts, k, errorbar, xscale)
                 ax.set_ylabel(m.heading)
                 ax.grid(True, which="major", alpha=0.3)
-                continue
-            handles = []
-            for i, r in enumerate(pts):
-                s = r.stats[k]
-                if s.mean is None:
-                    continue
-                x = r.trainable if by_params else i
-                err = s.interval(errorbar)
-                label = f"mean ± {ERRORBARS[errorbar]}" if errorbar != "none" else "mean"
-                bar = ax.errorbar([x], [s.mean * m.scale], yerr=None if err is None else [err * m.scale], fmt="o",
-                                  color="C0", ms=4, capsize=3, zorder=3, label=label)
-                # the runs beside their mean (not on it), spread a little so equal values stay visible
-                jitter = [0.15 + (j - (len(s.values) - 1) / 2) * 0.05 for j in range(len(s.values))]
-                xs = [x * (1 + d) for d in jitter] if by_params else [x + d for d in jitter]
-                dots = ax.scatter(xs, [v * m.scale for v in s.values], s=9, color="0.45", alpha=0.8, zorder=2,
-                                  linewidths=0, label="single runs (seeds)")
-                handles = handles or [bar, dots]
-                if by_params:
-                    ax.annotate(f"{', '.join(texts[id(r)])} (n={s.n})", (x, s.mean * m.scale),
-                                textcoords="offset points", xytext=(5, 4), fontsize=7)
-            if by_params:
-                ax.set_xscale("log")
-                ax.set_xlabel("trainable parameters (log scale)")
             else:
-                ax.set_xticks(range(len(pts)), [f"{', '.join(texts[id(r)])}\nn={r.stats[k].n}" for r in pts])
-                ax.set_xlabel(", ".join(key_headers(pts[0].by)))
-                ax.set_xlim(-0.5, len(pts) - 0.5)
-            ax.margins(y=0.15)
-            ax.set_ylabel(m.heading)
-            ax.grid(True, which="major", axis="y", alpha=0.3)
-            ax.legend(handles=handles, loc="best", frameon=False)
+                _bars_panel(ax, pts, k, errorbar, texts, by_params)
     return fig
+
+
+def _bars_panel(ax, pts: Sequence[Row], k: int, errorbar: str, texts: dict, by_params: bool) -> None:
+    """Metric ``k`` of each group as its mean with an error bar and its runs as dots; x = the
+    trainable-parameter count (log) when ``by_params``, else the groups themselves."""
+    m, handles = pts[0].stats[k].metric, []
+    for i, r in enumerate(pts):
+        s = r.stats[k]
+        if s.mean is None:
+            continue
+        x = r.trainable if by_params else i
+        err = s.interval(errorbar)
+        label = f"mean ± {ERRORBARS[errorbar]}" if errorbar != "none" else "mean"
+        bar = ax.errorbar([x], [s.mean * m.scale], yerr=None if err is None else [err * m.scale], fmt="o",
+                          color="C0", ms=4, capsize=3, zorder=3, label=label)
+        # the runs beside their mean (not on it), spread a little so equal values stay visible
+        jitter = [0.15 + (j - (len(s.values) - 1) / 2) * 0.05 for j in range(len(s.values))]
+        xs = [x * (1 + d) for d in jitter] if by_params else [x + d for d in jitter]
+        dots = ax.scatter(xs, [v * m.scale for v in s.values], s=9, color="0.45", alpha=0.8, zorder=2,
+                          linewidths=0, label="single runs (seeds)")
+        handles = handles or [bar, dots]
+        if by_params:
+            ax.annotate(f"{', '.join(texts[id(r)])} (n={s.n})", (x, s.mean * m.scale),
+                        textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if by_params:
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+    else:
+        ax.set_xticks(range(len(pts)), [f"{', '.join(texts[id(r)])}\nn={r.stats[k].n}" for r in pts])
+        ax.set_xlabel(", ".join(key_headers(pts[0].by)))
+        ax.set_xlim(-0.5, len(pts) - 0.5)
+    ax.margins(y=0.15)
+    ax.set_ylabel(m.heading)
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    ax.legend(handles=handles, loc="best", frameon=False)
 
 
 def plot(rows: Sequence[Row], path, errorbar: str = "ci", size: str = "two", xscale: str = "auto", kind: str = "auto"):
