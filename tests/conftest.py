@@ -58,6 +58,6 @@ def results(run_dir: Path) -> dict:
 
 
 def compose_cfg(*overrides: str):
-    from tlbench.cli import compose
+    from tlbench.compose import compose
 
     return compose(list(overrides))

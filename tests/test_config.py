@@ -56,7 +56,7 @@ def test_debug_flag_shows_traceback():
 def test_config_is_frozen_and_typed():
     import dataclasses
 
-    from tlbench.cli import compose
+    from tlbench.compose import compose
 
     cfg = compose(["optim=sgd", "optim.lr=0.05", "head.hidden=[8,4]"])
     assert cfg.optim.lr == 0.05 and cfg.head.hidden == (8, 4)
@@ -66,7 +66,7 @@ def test_config_is_frozen_and_typed():
 
 def test_every_typed_setting_is_overridable_even_if_the_preset_omits_it():
     from conftest import REPO
-    from tlbench.cli import compose
+    from tlbench.compose import compose
 
     # cifar_course_mlp selects model=mlp, freeze=full, sched=step; none of these files has the keys
     files = ("experiment/cifar_course_mlp.yaml", "model/mlp.yaml", "freeze/full.yaml", "sched/step.yaml")
@@ -78,7 +78,7 @@ def test_every_typed_setting_is_overridable_even_if_the_preset_omits_it():
 
 
 def test_command_line_value_overrides_a_preset_sweep_axis():
-    from tlbench.cli import _hydra_compose, sweep_jobs
+    from tlbench.compose import hydra_compose as _hydra_compose, sweep_jobs
 
     params = _hydra_compose(["+experiment=cifar_course_vgg16"], hydra_cfg=True).hydra.sweeper.params
     assert "optim.lr" in params  # the preset sweeps it ...
@@ -90,7 +90,7 @@ def test_command_line_value_overrides_a_preset_sweep_axis():
 @pytest.mark.parametrize("order", ["smoke-first", "smoke-last"])
 def test_trainer_smoke_shrinks_presets_and_later_overrides_win(order):
     """trainer=smoke is composed after the preset (the defaults list's order), wherever it is typed."""
-    from tlbench.cli import compose
+    from tlbench.compose import compose
 
     def shrunk(*extra):
         args = ["+experiment=chest_xray_fe_vs_ft", "trainer=smoke"]
@@ -105,7 +105,7 @@ def test_trainer_smoke_shrinks_presets_and_later_overrides_win(order):
 
 
 def test_experiment_with_and_without_plus_is_the_same_preset():
-    from tlbench.cli import compose
+    from tlbench.compose import compose
 
     assert compose(["experiment=digits_mlp"]) == compose(["+experiment=digits_mlp"])
     assert compose(["experiment=digits_mlp"]).model.hidden == (128, 64)
@@ -118,7 +118,7 @@ def test_composed_config_pickles_by_reference():
 
     from omegaconf import OmegaConf
 
-    from tlbench.cli import _hydra_compose
+    from tlbench.compose import hydra_compose as _hydra_compose
     from tlbench.config import DatasetConfig, schema
 
     dcfg = pickle.loads(pickle.dumps(_hydra_compose(["model=mlp"])))

@@ -158,7 +158,7 @@ def test_slurm_launcher_builds_the_requested_job(tmp_path, monkeypatch):
     import submitit
     from hydra.utils import instantiate
 
-    from tlbench.cli import _hydra_compose
+    from tlbench.compose import hydra_compose as _hydra_compose
 
     fake = tmp_path / "bin"
     fake.mkdir()

@@ -380,7 +380,7 @@ def test_results_record_the_torch_thread_count(joblib_job, cli):
 def test_launcher_options_are_accepted(tmp_path):
     """README: ``hydra/launcher=joblib hydra.launcher.n_jobs=2`` runs a sweep in local processes."""
     _plugin("hydra_plugins.hydra_joblib_launcher")
-    from tlbench.cli import _validate
+    from tlbench.compose import validate_argv as _validate
 
     _validate(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
                f"hydra.sweep.dir={tmp_path / 'sweep'}"])

@@ -216,7 +216,7 @@ def test_plan_report(resnet):
 
 
 def test_freeze_groups_give_blocks_their_own_learning_rate():
-    from tlbench.cli import compose
+    from tlbench.compose import compose
     from tlbench.run import build_everything
 
     cfg = compose(["freeze.groups=[stages.0:0.0001]", "optim.lr=0.01", "optim.head_lr=0.1"])

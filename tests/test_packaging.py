@@ -26,10 +26,10 @@ def test_wheel_contains_every_config(tmp_path):
 
 
 def test_conf_dir_prefers_the_packaged_copy(tmp_path, monkeypatch):
-    import tlbench.cli as cli
+    import tlbench.compose as compose
 
     pkg = tmp_path / "tlbench"
     (pkg / "conf").mkdir(parents=True)
     (pkg / "conf" / "config.yaml").write_text("defaults: []\n")
-    monkeypatch.setattr(cli, "__file__", str(pkg / "cli.py"))
-    assert cli.conf_dir() == pkg / "conf"
+    monkeypatch.setattr(compose, "__file__", str(pkg / "compose.py"))
+    assert compose.conf_dir() == pkg / "conf"

@@ -62,7 +62,7 @@ def _plan_json(capsys, *overrides: str) -> dict:
 def _reference(*overrides: str) -> tuple[dict, dict]:
     """(plan data, tasks) from the run's own build."""
     from tlbench.build import build_everything, seed_everything
-    from tlbench.cli import compose
+    from tlbench.compose import compose
     from tlbench.plan import plan_data
 
     cfg = compose(list(overrides))
@@ -202,7 +202,7 @@ ARCH = {"torchvision": "model.arch=resnet34", "timm": "model.arch=convnext_atto"
 def test_every_shipped_model_plans_without_allocating_the_backbone(capsys):
     """Each conf/model config plans offline with its backbone on the meta device (no tensor
     storage, so no init and no weights), and the plan names every block."""
-    from tlbench.cli import compose
+    from tlbench.compose import compose
     from tlbench.plan import build_plan
 
     with pytest.MonkeyPatch.context() as mp:

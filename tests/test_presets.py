@@ -29,7 +29,7 @@ def sweep_jobs(name: str) -> list[list[str]]:
     """The jobs `tlbench -m +experiment=NAME` runs (the preset's hydra.sweeper.params grid), as
     tlbench checks them before any runs; [] for an Optuna search space (its jobs are sampled;
     tests/test_sweeps.py runs one)."""
-    from tlbench.cli import sweep_jobs as jobs_of
+    from tlbench.compose import sweep_jobs as jobs_of
 
     return [[o for o in job if o != f"experiment={name}"] for job in jobs_of([f"+experiment={name}"]) or []]
 
@@ -72,8 +72,8 @@ def test_prevalidation_checks_exactly_the_jobs_hydra_runs(name):
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from tlbench.cli import _hydra_compose
-    from tlbench.cli import sweep_jobs as jobs_of
+    from tlbench.compose import hydra_compose as _hydra_compose
+    from tlbench.compose import sweep_jobs as jobs_of
 
     cmd = [f"experiment={name}", "seed=0,1"]
     params = _hydra_compose(cmd[:1], hydra_cfg=True).hydra.sweeper.params or {}

@@ -1,4 +1,4 @@
-"""The ``tlbench`` command. The only module that imports Hydra.
+"""The ``tlbench`` command. With ``compose.py`` (Hydra -> Config) the only modules that import Hydra.
 
     tlbench [overrides]                 train (the default subcommand; -m for sweeps)
     tlbench eval RUN_DIR [split=test] [dataset.root=...]
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .compose import canonical, compose, conf_dir, refuse_code, resume_overrides, store_schema, typed, validate_argv
 from .errors import TlbenchError, choices
 
 GROUPS = {"datasets": "dataset", "models": "model", "freeze": "freeze", "optim": "optim",
@@ -65,15 +66,6 @@ example: tlbench download model=deit_base_distilled dataset=cifar10 dataset.root
 }
 HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion",
                     "-sc", "--version", "--resolve", "-p", "--package")
-
-
-def conf_dir() -> Path:
-    """``conf/`` inside the installed wheel, else the source checkout's top-level ``conf/``."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "conf", here.parents[1] / "conf"):
-        if (cand / "config.yaml").is_file():
-            return cand
-    raise TlbenchError(f"tlbench's config folder was not found (looked in {here / 'conf'}); reinstall tlbench")
 
 
 def _debug(argv) -> bool:
@@ -175,191 +167,13 @@ def _main(argv: list[str], debug: bool, allow_code: bool) -> int:
         return 130
 
 
-# ----------------------------------------------------------------------------- composing
-def _hydra_message(e: Exception) -> str:
-    """Hydra/OmegaConf composition errors -> one paragraph naming the bad value and valid ones."""
-    import re
-
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .config import omegaconf_message
-
-    cause = e  # Hydra wraps OmegaConf's key and type errors
-    while cause is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        return omegaconf_message(cause)
-    msg = str(e).strip()
-    missing = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", msg)
-    if missing:
-        group, name = missing.groups()
-        folder = conf_dir() / group
-        valid = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-        return f"{group}={name!r} is not a known {group}; choose one of {choices(valid)}"
-    return " ".join(msg.split())
-
-
-def _store_schema() -> None:
-    """``conf/config.yaml`` starts from ``tlbench_schema``: the typed Config as Hydra's structured-config
-    schema, so unknown keys, wrong types and missing values are composition errors, and every typed
-    setting exists (``group.key=value`` works where the selected YAML omits the key)."""
-    from hydra.core.config_store import ConfigStore
-
-    from .config import schema
-
-    ConfigStore.instance().store(name="tlbench_schema", node=schema())
-
-
-def _hydra_compose(overrides: list[str], hydra_cfg: bool = False):
-    """Hydra's compose API (no run dir, no logging); composition errors -> TlbenchError."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    _store_schema()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=canonical(overrides), return_hydra_config=hydra_cfg)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise TlbenchError(f"bad configuration: {_hydra_message(e)}") from None
-
-
-def _typed(dcfg):
-    """The composed OmegaConf config (its ``hydra`` node left out) -> the typed, validated Config."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .config import to_config
-
-    try:
-        data = OmegaConf.to_container(OmegaConf.masked_copy(dcfg, [k for k in dcfg if k != "hydra"]), resolve=True)
-    except OmegaConfBaseException as e:
-        raise TlbenchError(f"bad configuration: {_hydra_message(e)}") from None
-    return to_config(data)
-
-
-def compose(overrides: list[str]):
-    """Compose the config and return the typed, validated Config."""
-    return _typed(_hydra_compose(overrides))
-
-
-def canonical(overrides: list[str]) -> list[str]:
-    """``+experiment=NAME`` (the older spelling) is ``experiment=NAME``: the experiment group is in
-    the defaults list (before trainer, so ``trainer=smoke`` also shrinks presets)."""
-    return [o[1:] if o.startswith("+experiment=") else o for o in overrides]
-
-
-def _expand_sweep(overrides: list[str]) -> Optional[list[list[str]]]:
-    """All jobs of a ``-m`` sweep (basic sweeper syntax: ``a,b``, ``range()``, ``choice()``), to
-    validate them before any runs; a later value of a key replaces an earlier one, as in Hydra's
-    basic sweeper (the command line replaces a preset's axis). A syntax error is the user's (exit 2);
-    ``None`` when the sweep uses a sweeper plugin's own syntax (e.g. Optuna's ``interval()``), which
-    that plugin checks."""
-    import itertools
-    import logging
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise TlbenchError(f"bad override: {' '.join(str(e).split('See https')[0].split())}; "
-                           f"write key=value, a sweep as key=a,b,c (no empty values)") from None
-    axes: dict[str, list[str]] = {}
-    for o in parsed:
-        key = o.get_key_element()
-        if o.is_sweep_override():
-            if o.is_interval_sweep():
-                logging.getLogger(__name__).info("%s is swept by the sweeper plugin; it checks the values itself", key)
-                return None
-            axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
-        else:
-            axes[key] = [f"{key}={o.get_value_element_as_str()}"]
-    return [list(job) for job in itertools.product(*axes.values())]
-
-
-def sweep_jobs(overrides: list[str], hc=None) -> Optional[list[list[str]]]:
-    """The jobs ``tlbench -m OVERRIDES`` runs: the preset's ``hydra.sweeper.params`` grid with the
-    command line's values (``None`` for a sweeper plugin's own syntax, see :func:`_expand_sweep`)."""
-    overrides = canonical(overrides)
-    hc = hc or _hydra_compose(_first_values(overrides), hydra_cfg=True)
-    params = hc.hydra.sweeper.get("params") or {}
-    return _expand_sweep([f"{k}={v}" for k, v in params.items()] + overrides)
-
-
-def _validate(argv: list[str]) -> None:
-    """Compose every job (a preset's ``hydra.sweeper.params`` included) and check that the run
-    or sweep folder can be written, before anything runs."""
-    from .record import check_writable
-
-    overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
-    hydra_overrides = [a for a in argv if a.startswith(("hydra.", "hydra/"))]
-    if not ("-m" in argv or "--multirun" in argv):
-        hc = _hydra_compose(overrides + hydra_overrides, hydra_cfg=True)
-        check_writable(Path(str(hc.hydra.run.dir)), "the run directory")
-        _typed(hc)
-        return
-    hc = _hydra_compose(_first_values(overrides) + hydra_overrides, hydra_cfg=True)
-    check_writable(Path(str(hc.hydra.sweep.dir)), "the sweep directory")
-    for job in sweep_jobs(overrides, hc) or []:
-        compose(job)
-
-
-def _first_values(overrides: list[str]) -> list[str]:
-    """``key=a,b`` -> ``key=a``: one job's worth of overrides (to see the config's structure);
-    sweeper functions such as ``interval(...)`` are left out."""
-    out = []
-    for o in overrides:
-        key, _, val = o.partition("=")
-        if "(" in val:
-            continue
-        out.append(f"{key}={val.split(',')[0]}" if "," in val and "[" not in val else o)
-    return out
-
-
-def _resume_overrides(argv: list[str]) -> list[str]:
-    """``trainer.resume=RUN_DIR``: rerun in that dir with its original overrides."""
-    res = [a for a in argv if a.lstrip("+").startswith("trainer.resume=")]
-    if not res:
-        return argv
-    target = res[-1].split("=", 1)[1]
-    if target in ("auto", "null", ""):
-        return argv
-    run_dir = Path(target).expanduser().resolve()
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        raise TlbenchError(f"trainer.resume={target}: {run_dir} is not a tlbench run directory (no .hydra/overrides.yaml)")
-    import yaml
-
-    original = [o for o in yaml.safe_load(saved.read_text()) or []
-                if not o.lstrip("+").startswith(("trainer.resume=", "hydra.run.dir="))]
-    rest = [a for a in argv if a not in res]
-    return original + rest + [f"trainer.resume={run_dir}", f"hydra.run.dir={run_dir}"]
-
-
-def _refuse_code(argv: list[str], allow_code: bool) -> None:
-    """``_target_`` values and ``hydra.callbacks`` make Hydra import and call arbitrary code: refused
-    on the command line and in replayed overrides (``trainer.resume``) unless ``--allow-code``."""
-    if allow_code:
-        return
-    for a in argv:
-        key = a.split("=", 1)[0].lstrip("+~")
-        if "_target_" in a or key.startswith(("hydra.callbacks", "hydra/callbacks")):
-            raise TlbenchError(
-                f"refusing the override {a!r}: '_target_' and hydra.callbacks make Hydra import and run code "
-                f"named in configuration; tlbench's settings never need them. If you wrote it yourself and "
-                f"trust it, add --allow-code")
-
-
 # ----------------------------------------------------------------------------- train
 def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
-    argv = canonical(_resume_overrides(argv))
-    _refuse_code(argv, allow_code)
+    argv = canonical(resume_overrides(argv))
+    refuse_code(argv, allow_code)
     if not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
-        _validate(argv)
-    _store_schema()
+        validate_argv(argv)
+    store_schema()
     import hydra
 
     task = _make_task(debug)
@@ -386,7 +200,7 @@ def _make_task(debug: bool):
         sweeping = str(hc.mode) == "RunMode.MULTIRUN" or bool(sweep_env)
         sweep_dir = Path(hc.sweep.dir) if str(hc.mode) == "RunMode.MULTIRUN" else (Path(sweep_env) if sweep_env else None)
         try:
-            cfg = _typed(dcfg)
+            cfg = typed(dcfg)
             if sweeping and cfg.sweep.skip_finished and not sweep_env:
                 from .record import sweep_job
 
@@ -399,7 +213,7 @@ def _make_task(debug: bool):
             try:
                 if world.size > 1:
                     dist.check_batch(cfg.batch_size)
-                    run_dir = _shared_run_dir(run_dir)
+                    run_dir = dist.shared_run_dir(run_dir)
                 results = results or train(cfg, run_dir, record=_record(dcfg, hc), sweeping=sweeping)
             finally:
                 dist.shutdown()
@@ -426,30 +240,13 @@ def _objective(results: dict) -> float:
     return float(first["accuracy"] if "accuracy" in first else first["psnr"])
 
 
-def _shared_run_dir(run_dir: Path) -> Path:
-    """DDP: every rank composed its own ``hydra.run.dir`` (timestamps may differ by a second);
-    all use rank 0's, and a rank's own empty directory is removed."""
-    from . import dist
-
-    shared = Path(dist.broadcast(str(run_dir)))
-    if shared != run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
-    return shared
-
-
 def _launch(cfg, hc, run_dir: Path, sweep_dir: Optional[Path], debug: bool) -> Optional[float]:
-    """``trainer.devices=N`` outside torchrun: the same run on N processes (``dist.launch``), into
-    this run directory; a sweep job keeps its sweep's rules (val only on the console)."""
+    """``trainer.devices=N`` outside torchrun: the same run on N processes (``dist.launch_run``)."""
     import json
 
     from . import dist
 
-    dist.check_batch(cfg.batch_size, cfg.trainer.devices)
-    overrides = [o for o in hc.overrides.task if not o.lstrip("+").startswith("trainer.resume=")]
-    if cfg.trainer.resume:
-        overrides.append("trainer.resume=auto")
-    overrides += [f"hydra.run.dir={run_dir}"] + (["--debug"] if debug else [])
-    code = dist.launch(cfg.trainer.devices, overrides, {"TLBENCH_SWEEP_DIR": str(sweep_dir)} if sweep_dir else None)
+    code = dist.launch_run(cfg, list(hc.overrides.task), run_dir, sweep_dir, debug)
     if code:
         sys.exit(code)
     return _objective(json.loads((run_dir / "results.json").read_text()))

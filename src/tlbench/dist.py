@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -189,3 +190,24 @@ def launch(nproc: int, overrides: list[str], extra_env: Optional[dict] = None) -
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def launch_run(cfg, task_overrides: list[str], run_dir: Path, sweep_dir: Optional[Path], debug: bool) -> int:
+    """``tlbench trainer.devices=N`` outside torchrun: this run on N local processes (:func:`launch`),
+    into this run directory (``hydra.run.dir``); a sweep's job tells its ranks its sweep
+    (``TLBENCH_SWEEP_DIR``: val only on the console). Returns the launcher's exit code."""
+    check_batch(cfg.batch_size, cfg.trainer.devices)
+    overrides = [o for o in task_overrides if not o.lstrip("+").startswith("trainer.resume=")]
+    if cfg.trainer.resume:
+        overrides.append("trainer.resume=auto")
+    overrides += [f"hydra.run.dir={run_dir}"] + (["--debug"] if debug else [])
+    return launch(cfg.trainer.devices, overrides, {"TLBENCH_SWEEP_DIR": str(sweep_dir)} if sweep_dir else None)
+
+
+def shared_run_dir(run_dir: Path) -> Path:
+    """Every rank composed its own ``hydra.run.dir`` (timestamps may differ by a second): all use
+    rank 0's, and a rank's own empty directory is removed."""
+    shared = Path(broadcast(str(run_dir)))
+    if shared != run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    return shared
