@@ -9,12 +9,16 @@ import random
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, progress
 from .config import Config, check_tasks, is_reconstruction
-from .data import build_data
+from .data import build_data, load_source
+from .freeze import apply_freeze
 from .models import build_backbone, build_task_model
+from .models.backbones import download_weights
+from .models.cae import RECON_TASK
 from .registry import DATASETS, MODELS
 from .store import open_store
+from .transfer import apply as apply_transfer
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -42,14 +46,9 @@ def build_everything(cfg: Config):
     """Data, model and freeze plan from the config (no training state). A reconstruction run
     (``model=cae``) has one task, ``reconstruction``, with no classes (its labels are not used).
     ``model.init_from`` is loaded here, before the freeze plan (``transfer.apply``)."""
-    from .freeze import apply_freeze
-    from .transfer import apply as apply_transfer
-
     backbone = build_backbone(cfg.model)
     bundle = build_data(cfg.dataset, backbone.input_spec, open_store(cfg.trainer.feature_store), seed=cfg.seed)
     if is_reconstruction(cfg):
-        from .models.cae import RECON_TASK
-
         bundle.tasks = {RECON_TASK: []}
     check_tasks(cfg, bundle.tasks)  # eval.topk / eval.positive_class need the classes: before any training
     sample = torch.stack([bundle.train[i][0] for i in range(min(2, len(bundle.train)))])
@@ -61,8 +60,6 @@ def build_everything(cfg: Config):
 
 def progress_enabled(cfg: Config) -> bool:
     """tqdm bars: wanted (``trainer.progress``, not ``--quiet``) and on a terminal."""
-    from . import progress
-
     return cfg.trainer.progress and progress.enabled()
 
 
@@ -71,12 +68,8 @@ def download(cfg: Config) -> list[str]:
     caches/roots (on a machine with network, for compute nodes that have none)."""
     import dataclasses
 
-    from .data import load_source
-
     done = []
     if MODELS[cfg.model.name].family != "scratch":
-        from .models.backbones import download_weights
-
         done.append(f"weights for model={cfg.model.name}: {download_weights(cfg.model)}")
     if DATASETS[cfg.dataset.name].downloads:
         src = load_source(dataclasses.replace(cfg.dataset, download=True))

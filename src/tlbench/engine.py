@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import dist
+from .checkpoint import rng_state, set_rng_state
 from .errors import TlbenchError
 from .metrics import epoch_ece, improved, macro_f1, monitor_value
+from .optim import group_lrs, step_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,6 @@ class Diverged(TlbenchError):
 
 def select_device(name: str) -> torch.device:
     """``auto`` = cuda, else mps, else cpu."""
-    from .errors import TlbenchError
-
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -323,8 +323,6 @@ class TrainState:
     net: Optional[torch.nn.Module] = None  # what batches run through, when not ``model`` (features.SuffixNet)
 
     def checkpoint(self, extra: dict) -> dict:
-        from .checkpoint import rng_state
-
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -335,8 +333,6 @@ class TrainState:
         }
 
     def restore(self, ckpt: dict) -> None:
-        from .checkpoint import set_rng_state
-
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
@@ -365,8 +361,6 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
     """Train ``tcfg.max_epochs`` epochs (from ``state.epoch``), validating after each;
     keep ``best.pt`` on the monitored validation metric; stop early after
     ``tcfg.patience`` epochs without improvement."""
-    from .optim import group_lrs, step_scheduler
-
     with SignalGuard() as guard:
         opts.stop_flag = guard
         while state.epoch < tcfg.max_epochs:

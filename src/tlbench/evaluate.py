@@ -7,13 +7,19 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from .build import build_everything, progress_enabled, seed_everything
 from .checkpoint import load as load_checkpoint
+from .config import DatasetConfig, EvalConfig, from_dict, to_config, validate
+from .data import SplitDataset
 from .data.loaders import make_loaders
 from .engine import LoopOptions, run_epoch, select_device
 from .errors import TlbenchError
 from .metrics import compute_metrics
+from .models.cae import RECON_TASK
+from .recon import objective, report_split as report_reconstruction
 from .record import close_log, open_log
-from .tracking import save_confusion, write_json, write_predictions, write_report
+from .tables import metric_name
+from .tracking import log_test_figures, save_confusion, write_json, write_predictions, write_report
 
 
 def evaluate_split(model, loader, tasks, opts, limit=None) -> dict:
@@ -37,14 +43,7 @@ def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, pr
     split's name in the figures' titles (``tlbench eval split=val`` evaluates val as its test).
     A reconstruction run's split goes to ``recon.report_split`` (``model`` and ``objective`` draw
     its figure of reconstructions)."""
-    from .config import EvalConfig
-    from .tracking import log_test_figures
-
-    from .models.cae import RECON_TASK
-
     if RECON_TASK in collected:
-        from .recon import report_split as report_reconstruction
-
         return report_reconstruction(run_dir, split, collected, bundle, tracker, prefix, model, objective, shown)
     ecfg = ecfg or EvalConfig()
     out = {}
@@ -72,8 +71,6 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     with the same classes) into ``run_dir/eval_<name>/`` with the same file contract."""
     import dataclasses
 
-    from .config import DatasetConfig, from_dict, to_config, validate
-
     if split not in ("train", "val", "test", "all"):
         raise TlbenchError(f"split={split!r} is not valid; choose one of 'train', 'val', 'test', 'all'")
     run_dir = Path(run_dir)
@@ -84,7 +81,6 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     # the checkpoint holds every weight: do not look for pretrained files again
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None,
                                                              init_from=None))
-    from .build import build_everything, progress_enabled, seed_everything
 
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle, model, plan = build_everything(cfg)
@@ -101,12 +97,10 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     open_log(out, "eval.log")
     try:
         model.to(device)
-        from .recon import objective
 
         opts = LoopOptions(device=device, progress=progress_enabled(cfg),
                            objective=objective(cfg, model.backbone.input_spec))
         if split == "all":  # every item of the source, e.g. a held-out folder
-            from .data import SplitDataset
 
             bundle.test = SplitDataset(bundle.source, range(len(bundle.source)), list(bundle.tasks),
                                        bundle.eval_transform)
@@ -134,8 +128,6 @@ HEADLINE = ("accuracy", "top3_accuracy", "top5_accuracy", "macro_f1", "weighted_
 
 
 def _metric_line(task: str, m: dict) -> str:
-    from .tables import metric_name
-
     ci = m.get("bootstrap_ci95") or {}
     parts = []
     for key in HEADLINE:

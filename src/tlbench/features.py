@@ -27,8 +27,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import progress
 from .config import Config
+from .data import SplitDataset, unpack
 from .engine import LoopOptions, autocast, batch_to
+from .errors import TlbenchError
+from .models.split import split_backbone, split_point
 from .store import as_tensor, make_key, open_store, tensor_digest
 
 log = logging.getLogger(__name__)
@@ -55,16 +59,12 @@ def decide(cfg: Config, model, plan) -> CacheDecision:
         return CacheDecision(False, "trainer.cache_features=false")
     d = _decide(cfg, model, plan)
     if mode == "true" and not d.applied:
-        from .errors import TlbenchError
-
         raise TlbenchError(f"trainer.cache_features=true but the frozen-prefix cache cannot apply: {d.reason}; "
                            f"use trainer.cache_features=auto (the default) to train without it")
     return d
 
 
 def _decide(cfg: Config, model, plan) -> CacheDecision:
-    from .models.split import split_point
-
     if getattr(model, "reconstructs", False):
         return CacheDecision(False, "a reconstruction run: the decoder reads the encoder's spatial output, "
                                     "and the loss needs the image")
@@ -109,8 +109,6 @@ class FeatureSplit(Dataset):
         return len(self.h)
 
     def __getitem__(self, item):
-        from .data import unpack
-
         if isinstance(item, list):  # a whole batch (loaders.Batches)
             reqs = [unpack(r) for r in item]
             idx = torch.as_tensor([i for i, _ in reqs])
@@ -128,8 +126,6 @@ class FeatureSplit(Dataset):
 def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: CacheDecision):
     """Run the frozen prefix once over each split (through the store). Returns the bundle of
     stored outputs, the module to train on them, and a record for results.json."""
-    from .models.split import split_backbone
-
     t0 = time.perf_counter()
     model.eval()
     if decision.split_block is None:
@@ -180,8 +176,6 @@ def _n_items(cfg: Config, name: str, n: int) -> int:
 
 def _image_split(bundle, name: str, mirror: bool):
     """The split's images through the *eval* transform (never augmented), mirrored if asked."""
-    from .data import SplitDataset
-
     ds = getattr(bundle, name)
     if hasattr(ds, "variant"):  # the tensor path (data.ImageSplit): its transform is deterministic here
         return ds.variant(flip=False, mirror=mirror)
@@ -205,8 +199,6 @@ def _image_batches(ds, n: int, batch: int, device):
 def _prefix_pass(prefix, ds, n: int, cfg: Config, opts: LoopOptions, dtype, path=None) -> Optional[np.ndarray]:
     """The prefix over the first ``n`` items of ``ds``: returned as one array, or, with ``path``,
     written batch by batch into a memory-mapped ``.npy`` there (never all in memory)."""
-    from . import progress
-
     out, mm, i = [], None, 0
     batch = max(cfg.batch_size, 64)
     log.info("frozen prefix: computing the outputs of %d images (once)", n)

@@ -35,7 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import is_reconstruction
+from .figures import _figure
 from .models.cae import RECON_TASK
+from .tracking import _save
 
 METRICS = ("loss", "mse", "psnr", "ssim")
 MSE_FLOOR = 1e-10
@@ -135,8 +138,6 @@ class Reconstruction:
 def objective(cfg, spec) -> Optional[Reconstruction]:
     """The run's objective: a :class:`Reconstruction` for ``model=cae``; None (the loop's
     default, classification) otherwise."""
-    from .config import is_reconstruction
-
     return Reconstruction(cfg.loss, spec.mean, spec.std) if is_reconstruction(cfg) else None
 
 
@@ -167,8 +168,6 @@ def grid(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 
 def grid_figure(img: torch.Tensor, title: str):
-    from .figures import _figure
-
     arr = img.permute(1, 2, 0).numpy()
     h, w = arr.shape[:2]
     fig = _figure((max(4.0, 8.0 * w / max(h, 1) / 4), 4.0))
@@ -197,8 +196,6 @@ def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, pr
 
 def save_grid(run_dir: Path, model, objective_: Reconstruction, dataset, tracker, prefix: str = "",
               split: str = "test") -> Path:
-    from .tracking import _save
-
     device = next(model.parameters()).device
     target, recon = objective_.reconstruct(model, first_images(dataset).to(device))
     img = grid(target, recon)

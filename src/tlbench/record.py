@@ -27,7 +27,7 @@ from typing import Optional
 
 from . import locks
 from .checkpoint import load as load_checkpoint
-from .config import Config, config_hash, to_dict
+from .config import Config, config_hash, to_config, to_dict
 from .errors import TlbenchError
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,6 @@ def _short(v) -> str:
 def _old_config(run_dir: Path) -> Optional[dict]:
     """The typed config a run directory was made with, as a dict (for naming differences)."""
     import yaml
-
-    from .config import to_config
 
     try:
         data = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())

@@ -16,6 +16,7 @@ import numpy as np
 
 from .figures import (confusion_figure, misclassified, misclassified_figure, misclassified_label,
                       reliability_figure, to_display)
+from .engine import Interrupted
 from .metrics import classification_report
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ def exit_status() -> str:
     exc = sys.exc_info()[1]
     if exc is None:
         return "finished"
-    from .engine import Interrupted
 
     return "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
 

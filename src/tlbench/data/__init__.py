@@ -24,6 +24,8 @@ from ..models.base import InputSpec
 from ..registry import DATASETS
 from .base import DataBundle, Source, unpack
 from .pipeline import ImageSplit, choose, tensor_splits  # noqa: F401  (ImageSplit: tlbench.data.ImageSplit)
+from ..progress import bar
+from ..store import FeatureStore
 from .splits import limit_per_class, make_splits, subset_seed, train_subset
 from .transforms import build_transforms
 
@@ -107,7 +109,6 @@ def materialize(ds: SplitDataset) -> Dataset:
     x0 = ds[0][0]
     if x0.numel() * 4 * len(ds) > MATERIALIZE_BYTES:
         return ds
-    from ..progress import bar
 
     x = torch.stack([x0] + [ds[i][0] for i in bar(range(1, len(ds)), desc=f"decoding {len(ds)} images", unit="img")])
     return TensorSplit(x, ds.labels, ds.indices)
@@ -180,7 +181,6 @@ def _make_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetCon
     log.info("data pipeline: %s (%s)", choice.mode, choice.reason)
     if choice.mode == "loader":
         return _loader_splits(source, splits, tasks, cfg, train_tf, eval_tf), eval_tf, choice.record()
-    from ..store import FeatureStore
 
     datasets, record = tensor_splits(source, splits, tasks, spec, native, cfg, choice,
                                               store if store is not None else FeatureStore(None))

@@ -11,8 +11,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from . import TensorSplit
+from .. import dist
 from ..config import Config
 from .base import DataBundle
+from .pipeline import ImageSplit
 
 
 def flip_mask(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -106,10 +109,6 @@ def _seed_worker(worker_id: int) -> None:
 def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[str, DataLoader]:
     """Loaders of this process: the whole splits for one process; in DDP this rank's part of
     every global training batch and its strided shard of val/test (``dist``)."""
-    from .. import dist
-    from . import TensorSplit
-    from .pipeline import ImageSplit
-
     d, w = cfg.dataset, dist.world()
     batch = dist.check_batch(cfg.batch_size)
     cuda = device.type == "cuda"
