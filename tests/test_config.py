@@ -119,7 +119,8 @@ def test_composed_config_pickles_by_reference():
     from omegaconf import OmegaConf
 
     from tlbench.compose import hydra_compose as _hydra_compose
-    from tlbench.config import DatasetConfig, schema
+    from tlbench.config import DatasetConfig
+    from tlbench.validation import schema
 
     dcfg = pickle.loads(pickle.dumps(_hydra_compose(["model=mlp"])))
     assert OmegaConf.get_type(dcfg.dataset) is schema(DatasetConfig)

@@ -1,5 +1,5 @@
 """Inputs that used to be read wrong or checked too late: 16-bit PNGs in folder datasets, and
-the eval settings that need the dataset's classes (``config.check_tasks``)."""
+the eval settings that need the dataset's classes (``validation.check_tasks``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fixtures_data as fx
-from tlbench.config import Config, DatasetConfig, EvalConfig, check_tasks
+from tlbench.config import Config, DatasetConfig, EvalConfig
+from tlbench.validation import check_tasks
 from tlbench.data import build_data
 from tlbench.errors import TlbenchError
 from tlbench.models.base import InputSpec

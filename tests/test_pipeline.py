@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import results
 from tlbench import dist
-from tlbench.config import Config, DatasetConfig, TrainerConfig, to_config, to_dict
+from tlbench.config import Config, DatasetConfig, TrainerConfig, to_dict
+from tlbench.validation import to_config
 from tlbench.data import ImageSplit, TensorSplit, build_data
 from tlbench.data.base import Source
 from tlbench.data.loaders import make_loaders

@@ -14,7 +14,8 @@ from torch import nn
 
 from conftest import results
 from tlbench import speed
-from tlbench.config import Config, OptimConfig, TrainerConfig, config_hash, to_config, to_dict
+from tlbench.config import Config, OptimConfig, TrainerConfig, config_hash, to_dict
+from tlbench.validation import to_config
 from tlbench.engine import LoopOptions, batch_to, run_epoch
 from tlbench.errors import TlbenchError
 from tlbench.optim import build_optimizer, optimizer_impl

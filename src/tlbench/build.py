@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import __version__, progress
-from .config import Config, check_tasks, is_reconstruction
+from .config import Config, is_reconstruction
 from .data import build_data, load_source
 from .freeze import apply_freeze
 from .models import build_backbone, build_task_model
@@ -19,6 +19,7 @@ from .models.cae import RECON_TASK
 from .registry import DATASETS, MODELS
 from .store import open_store
 from .transfer import apply as apply_transfer
+from .validation import check_tasks
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

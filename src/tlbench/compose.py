@@ -14,8 +14,8 @@ from typing import Optional
 
 import yaml
 
-from .config import omegaconf_message, schema, to_config
 from .errors import TlbenchError, choices
+from .validation import omegaconf_message, schema, to_config
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 from .build import build_everything, progress_enabled, seed_everything
 from .checkpoint import load as load_checkpoint
-from .config import DatasetConfig, EvalConfig, from_dict, to_config, validate
+from .config import DatasetConfig, EvalConfig
 from .data import SplitDataset
 from .data.loaders import make_loaders
 from .engine import LoopOptions, run_epoch, select_device
@@ -20,6 +20,7 @@ from .recon import objective, report_split as report_reconstruction
 from .record import close_log, open_log
 from .tables import metric_name
 from .tracking import log_test_figures, save_confusion, write_json, write_predictions, write_report
+from .validation import from_dict, to_config, validate
 
 
 def evaluate_split(model, loader, tasks, opts, limit=None) -> dict:

@@ -24,7 +24,8 @@ def build_plan(cfg):
     from torch.nn.parameter import is_lazy
 
     from .build import seed_everything
-    from .config import check_tasks, is_reconstruction
+    from .config import is_reconstruction
+    from .validation import check_tasks
     from .models.cae import CAE, RECON_TASK
     from .transfer import apply as apply_transfer
     from .data.meta import plan_tasks

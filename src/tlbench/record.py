@@ -27,8 +27,9 @@ from typing import Optional
 
 from . import locks
 from .checkpoint import load as load_checkpoint
-from .config import Config, config_hash, to_config, to_dict
+from .config import Config, config_hash, to_dict
 from .errors import TlbenchError
+from .validation import to_config
 
 log = logging.getLogger(__name__)
 
