@@ -222,3 +222,18 @@ def test_compile_wraps_what_the_batches_run_through(cli, monkeypatch, freeze, co
     assert r["speed"]["compile"] is True
     steps = sum(-(-r["epochs"][0][s]["n"] // 256) for s in ("train", "val"))  # + the final val and test pass
     assert forwards["n"] >= steps + 2
+
+
+def test_a_graph_that_fails_to_compile_runs_eagerly(cli, monkeypatch):
+    """A compiler that fails (a backend error, as from a missing Triton or C++ compiler on a GPU
+    machine) costs the speed-up, never the run: the real torch.compile with a failing backend."""
+    real, tried = torch.compile, {"n": 0}
+
+    def failing_backend(gm, example_inputs):
+        tried["n"] += 1
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: real(net, backend=failing_backend))
+    code, rd = cli("trainer.max_epochs=1", "trainer.compile=true", "freeze=full", "trainer.batch_size=512")
+    assert code == 0 and tried["n"] >= 1
+    assert results(rd)["speed"]["compile"] is True and results(rd)["test"]["label"]["accuracy"] > 0.1

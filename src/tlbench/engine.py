@@ -322,6 +322,12 @@ class TrainState:
     plan: object = None  # the FreezePlan in force (gradual unfreezing replaces it)
     net: Optional[torch.nn.Module] = None  # what batches run through, when not ``model`` (features.SuffixNet)
 
+    @property
+    def runner(self) -> torch.nn.Module:
+        """What the batches run through: ``net`` when set, else ``model``. (Never ``net or model``:
+        a compiled module's truth value calls ``len()``, which it refuses.)"""
+        return self.net if self.net is not None else self.model
+
     def checkpoint(self, extra: dict) -> dict:
         return {
             "model": self.model.state_dict(),
@@ -371,7 +377,7 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
             lrs = group_lrs(state.optimizer)
             hooks.train_mode(state)
             try:
-                train = run_epoch(hooks.wrap(state.net or state.model), loaders["train"], tasks, opts,
+                train = run_epoch(hooks.wrap(state.runner), loaders["train"], tasks, opts,
                                   state.optimizer, state.scaler,
                                   tcfg.limit_train_batches, desc=f"epoch {epoch + 1} train")
             except Diverged as e:
@@ -379,7 +385,7 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
             _check_divergence(state, train, tcfg, epoch)
             state.step += train.steps
             state.model.eval()
-            val = run_epoch(state.net or state.model, loaders["val"], tasks, opts, limit=tcfg.limit_eval_batches,
+            val = run_epoch(state.runner, loaders["val"], tasks, opts, limit=tcfg.limit_eval_batches,
                             desc=f"epoch {epoch + 1} val", collect=True)
             step_scheduler(state.scheduler, val.loss)
             value = monitor_value(tcfg.monitor, val)

@@ -302,7 +302,7 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
         ctx.feature_cache = {"applied": False, "reason": decision.reason}
         ctx.loaders = make_loaders(bundle, cfg, ctx.device)
     if ctx.speed.compile:
-        state.net = speeds.compiled(state.net or state.model, ctx.speed)
+        state.net = speeds.compiled(state.runner, ctx.speed)
     if not main:
         hooks = FitHooks(save=lambda s, name: None, log_epoch=lambda s, rec: None, before_epoch=hooks.before_epoch,
                          train_mode=hooks.train_mode)
@@ -379,7 +379,7 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt", map_location=ctx.device)
     state.model.load_state_dict(best["model"])
     tasks, lim = list(bundle.tasks), cfg.trainer.limit_eval_batches
-    net = state.net or state.model
+    net = state.runner
     val_c, test_c = (evaluate_split(net, loaders[s], tasks, opts, lim) for s in ("val", "test"))
     processes = dist.describe(ctx.device)
     if not dist.world().main:

@@ -104,5 +104,12 @@ def set_tf32(on: bool) -> None:
 
 def compiled(net: nn.Module, speed: Speed) -> nn.Module:
     """What the batches run through: ``torch.compile(net)`` when the switch is on (it shares the
-    parameters: checkpoints still save the uncompiled model)."""
-    return torch.compile(net) if speed.compile else net
+    parameters: checkpoints still save the uncompiled model). A graph that fails to compile (a
+    backend or compiler error, e.g. no working Triton or C++ compiler) runs eagerly instead of
+    ending the run: TorchDynamo's ``suppress_errors`` logs the failure and falls back."""
+    if not speed.compile:
+        return net
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(net)
