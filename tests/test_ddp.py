@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
 def test_two_processes_train_like_one(runs):
     one, two, _ = runs
     a, b = results(one), results(two)
-    assert b["processes"] == {"world_size": 2, "backend": "gloo", "devices": ["cpu", "cpu"]}
+    assert b["processes"] == {"world_size": 2, "backend": "gloo", "devices": ["cpu", "cpu"], "sync_bn": False}
     assert a["processes"]["world_size"] == 1
     for ea, eb in zip(a["epochs"], b["epochs"], strict=True):
         assert eb["train"]["n"] == ea["train"]["n"] and eb["val"]["n"] == ea["val"]["n"]
@@ -250,3 +250,39 @@ def test_slurm_tasks_become_torch_distributed_ranks(monkeypatch):
         for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
             os.environ.pop(k, None)
     assert not torch.distributed.is_initialized()
+
+
+def _bn_model():
+    from tlbench.config import ModelConfig
+    from tlbench.models import build_backbone
+
+    return build_backbone(ModelConfig(name="cnn", channels=(8, 16), batch_norm=True, image_size=16))
+
+
+@pytest.mark.parametrize("setting, device, world, converted", [
+    ("auto", "cuda", 2, True), ("true", "cuda", 2, True), ("false", "cuda", 2, False),
+    ("auto", "cuda", 1, False), ("auto", "cpu", 2, False)])
+def test_sync_bn_converts_batchnorm_only_where_it_can_and_is_wanted(monkeypatch, caplog, setting, device, world,
+                                                                     converted):
+    """trainer.sync_bn: SyncBatchNorm in a DDP world on CUDA (parameters, buffers and names kept,
+    so the optimizer and checkpoints are unchanged); on CPU, auto warns that each process
+    normalizes over its own part of the batch. (The conversion does not touch the device.)"""
+    from tlbench import dist
+
+    monkeypatch.setattr(dist, "_WORLD", dist.World(rank=0, size=world, backend="gloo"))
+    net = _bn_model()
+    params, names = {n: id(p) for n, p in net.named_parameters()}, list(net.state_dict())
+    assert dist.sync_batchnorm(net, setting, torch.device(device)) is converted
+    kinds = {type(m).__name__ for m in net.modules()}
+    assert ("SyncBatchNorm" in kinds) is converted and ("BatchNorm2d" in kinds) is not converted
+    assert {n: id(p) for n, p in net.named_parameters()} == params and list(net.state_dict()) == names
+    assert ("normalizes BatchNorm over its own part" in caplog.text) is (device == "cpu")
+
+
+def test_sync_bn_true_on_cpu_is_refused(monkeypatch):
+    from tlbench import dist
+    from tlbench.errors import TlbenchError
+
+    monkeypatch.setattr(dist, "_WORLD", dist.World(rank=0, size=2, backend="gloo"))
+    with pytest.raises(TlbenchError, match=r"trainer.sync_bn=true needs CUDA devices .*trainer.sync_bn=auto"):
+        dist.sync_batchnorm(_bn_model(), "true", torch.device("cpu"))

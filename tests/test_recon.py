@@ -152,7 +152,7 @@ def test_hash_of_classification_configs_is_unchanged():
     for key in ("train_fraction", "train_per_class", "pipeline", "tensor_budget_gb"):
         del before["dataset"][key]
     del before["optim"]["impl"]
-    for key in ("resume", "progress", "feature_store", "devices", "compile", "channels_last", "cudnn_benchmark",
+    for key in ("resume", "progress", "feature_store", "devices", "sync_bn", "compile", "channels_last", "cudnn_benchmark",
                 "tf32"):
         del before["trainer"][key]
     assert config_hash(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]

@@ -124,6 +124,7 @@ class TrainerConfig:
     batch_size: int = 64
     device: str = "auto"
     devices: int = 1  # processes of one DDP run (tlbench starts torchrun); batch_size is the global batch
+    sync_bn: str = "auto"  # DDP: BatchNorm over the global batch (SyncBatchNorm, CUDA only); auto = on CUDA
     precision: str = "32"
     grad_clip: Optional[float] = None
     monitor: str = "val/loss"
@@ -201,7 +202,7 @@ SPEED_KEYS = (("dataset", "pipeline"), ("dataset", "tensor_budget_gb"), ("optim"
 
 # keys added after runs had been recorded: left out of the hash while at their defaults, so a run
 # recorded before they existed keeps its hash (resume, a relaunched sweep's skip of finished jobs)
-LATER_KEYS = (("model", "init_part"), ("model", "latent"), ("loss",), ("dataset", "train_fraction"),
+LATER_KEYS = (("model", "init_part"), ("model", "latent"), ("loss",), ("trainer", "sync_bn"), ("dataset", "train_fraction"),
               ("dataset", "train_per_class"))
 
 

@@ -163,6 +163,26 @@ def gather_collected(collected: dict) -> dict:
     return {t: {k: interleave([p[t][k] for p in parts if k in p.get(t, {})]) for k in names[t]} for t in collected}
 
 
+def sync_batchnorm(model: torch.nn.Module, setting: str, device: torch.device) -> bool:
+    """``trainer.sync_bn``: in a DDP world, BatchNorm layers normalize over the global batch
+    (torch's ``SyncBatchNorm``, parameters and buffers shared, names unchanged), so N processes
+    train like one. CUDA only: on CPU, ``auto`` keeps per-process statistics with a warning and
+    ``true`` is refused. Returns whether the layers were converted."""
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if _WORLD.size == 1 or setting == "false" or not has_bn:
+        return False
+    if device.type != "cuda":
+        if setting == "true":
+            raise TlbenchError(f"trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm), not {device.type}; "
+                               "use trainer.sync_bn=auto (each process normalizes over its own part of the batch) "
+                               "or a model without BatchNorm")
+        log.warning("DDP on %s: each process normalizes BatchNorm over its own part of the global batch "
+                    "(SyncBatchNorm needs CUDA), so this run's numbers differ from a 1-process run", device.type)
+        return False
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return True
+
+
 def describe(device: torch.device) -> dict:
     """results.json's record of the processes that trained the run."""
     return {"world_size": _WORLD.size, "backend": _WORLD.backend, "devices": all_gather(str(device))}

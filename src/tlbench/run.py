@@ -214,6 +214,7 @@ class _Ctx:
     sweeping: bool = False  # a sweep's job: no test metric reaches TensorBoard
     decision: object = None  # features.CacheDecision
     speed: Optional[speeds.Speed] = None  # the CUDA switches in force (speed.py)
+    sync_bn: bool = False  # DDP: BatchNorm layers converted to SyncBatchNorm (dist.sync_batchnorm)
 
 
 def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
@@ -230,11 +231,12 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
     bundle, model, plan = build_everything(cfg)
     device = dist.rank_device(select_device(cfg.trainer.device))
     model.to(device)
+    sync_bn = dist.sync_batchnorm(model, cfg.trainer.sync_bn, device)  # before anything holds its modules
     speed = speeds.decide(cfg, device, model)
     speeds.apply(speed, model)
     state = _new_state(cfg, model, plan, speed)
     resuming = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").is_file()
-    ctx = _Ctx(bundle, state, device, resuming, stop_after, t0, speed=speed)
+    ctx = _Ctx(bundle, state, device, resuming, stop_after, t0, speed=speed, sync_bn=sync_bn)
     log.debug("config (hash %s): %s", config_hash(cfg), to_dict(cfg))
     log.debug("class counts per split: %s; %d torch threads", bundle.class_counts, torch.get_num_threads())
     ctx.decision = decide(cfg, model, plan)  # trainer.cache_features=true that cannot apply: refused here
@@ -381,7 +383,7 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
     tasks, lim = list(bundle.tasks), cfg.trainer.limit_eval_batches
     net = state.runner
     val_c, test_c = (evaluate_split(net, loaders[s], tasks, opts, lim) for s in ("val", "test"))
-    processes = dist.describe(ctx.device)
+    processes = {**dist.describe(ctx.device), "sync_bn": ctx.sync_bn}
     if not dist.world().main:
         return None
     val = report_split(run_dir, "val", val_c, bundle, None, ecfg=cfg.eval)

@@ -199,6 +199,7 @@ def _validate_trainer(cfg: Config) -> None:
     _check_range("trainer.max_epochs", t.max_epochs, 1)
     _check_range("trainer.batch_size", t.batch_size, 1)
     _check_range("trainer.devices", t.devices, 1)
+    _check_choice("trainer.sync_bn", t.sync_bn, SWITCHES)
     _check_range("trainer.patience", t.patience, 1)
     _check_range("trainer.grad_clip", t.grad_clip, 0.0, lo_open=True)
     _check_range("trainer.limit_train_batches", t.limit_train_batches, 1)
