@@ -286,3 +286,30 @@ def test_sync_bn_true_on_cpu_is_refused(monkeypatch):
     monkeypatch.setattr(dist, "_WORLD", dist.World(rank=0, size=2, backend="gloo"))
     with pytest.raises(TlbenchError, match=r"trainer.sync_bn=true needs CUDA devices .*trainer.sync_bn=auto"):
         dist.sync_batchnorm(_bn_model(), "true", torch.device("cpu"))
+
+
+def test_the_frozen_prefix_pass_is_split_across_ranks(tmp_path):
+    """With the prefix cache (a frozen cnn: its BatchNorm in eval), each of 2 ranks computes the
+    prefix over its half of every split (rank 0's log says how many), the halves are gathered
+    into index order, and training on them gives the 1-process numbers; a second 2-process run
+    reads the entries rank 0 stored."""
+    run = ["model=cnn", "freeze=linear_probe", "trainer.max_epochs=2", "trainer.batch_size=32", "trainer.device=cpu",
+           "trainer.progress=false", "trainer.num_threads=1", "trainer.cache_features=true"]
+    one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
+    out = _run([sys.executable, "-m", "tlbench", *run, f"trainer.feature_store={tmp_path / 's1'}",
+                f"hydra.run.dir={one}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    for d in (two, again):
+        out = _run([*TORCHRUN, *run, f"trainer.feature_store={tmp_path / 's2'}", f"hydra.run.dir={d}"])
+        assert out.returncode == 0, out.stderr[-3000:]
+    a, b, c = results(one), results(two), results(again)
+    assert b["feature_cache"]["shards"] == 2 and b["feature_cache"]["reused"] is False
+    assert c["feature_cache"]["reused"] is True and a["feature_cache"]["shards"] == 1
+    n_train = a["epochs"][0]["train"]["n"]
+    log = (two / "train.log").read_text()
+    assert f"computing the outputs of {(n_train + 1) // 2} images" in log
+    assert f"computing the outputs of {n_train} images" in (one / "train.log").read_text()
+    for r in (b, c):
+        assert [e["train"]["loss"] for e in r["epochs"]] == pytest.approx([e["train"]["loss"] for e in a["epochs"]],
+                                                                          rel=1e-5)
+        assert r["test"]["label"]["accuracy"] == a["test"]["label"]["accuracy"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import progress
+from . import dist, progress
 from .config import Config
 from .data import SplitDataset, unpack
 from .engine import LoopOptions, autocast, batch_to
@@ -149,9 +149,12 @@ def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: Cach
         for mirror in ((False, True) if (flips and name == "train") else (False,)):
             parts = {**base, "split_name": name, "n": n, "mirror": mirror}
             images = _image_split(bundle, name, mirror)
-            arr, hit = store.get_or_create(
-                make_key(parts), lambda: _prefix_pass(prefix, images, n, cfg, opts, DTYPES[dtype]), parts,
-                mmap="auto", fill=lambda path: _prefix_pass(prefix, images, n, cfg, opts, DTYPES[dtype], path))
+            if dist.world().size > 1 and n >= dist.world().size:
+                arr, hit = _sharded_pass(store, parts, prefix, images, n, cfg, opts, DTYPES[dtype])
+            else:
+                arr, hit = store.get_or_create(
+                    make_key(parts), lambda: _prefix_pass(prefix, images, n, cfg, opts, DTYPES[dtype]), parts,
+                    mmap="auto", fill=lambda path: _prefix_pass(prefix, images, n, cfg, opts, DTYPES[dtype], path))
             arrays.append(arr)
             reused.append(hit)
         labels = {t: ds.labels[t][:n] for t in bundle.tasks}
@@ -160,7 +163,7 @@ def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: Cach
     log.debug("feature store %s, key %s (%s)", store.root, make_key(base), base)
     record = {"applied": True, "reason": decision.reason, "split_block": decision.split_block,
               "store": str(store.root) if store.root else None, "store_key": make_key(base), "dtype": dtype,
-              "compute_s": seconds, "reused": all(reused)}
+              "compute_s": seconds, "reused": all(reused), "shards": dist.world().size}
     log.info("frozen prefix%s: outputs of %d images %s in %.1fs; %s train on them",
              f" (up to block {decision.split_block})" if decision.split_block else " (the whole backbone)",
              sum(len(getattr(cached, s)) for s in ("train", "val", "test")),
@@ -184,26 +187,46 @@ def _image_split(bundle, name: str, mirror: bool):
     return SplitDataset(bundle.source, ds.indices, list(bundle.tasks), bundle.eval_transform, mirror=mirror)
 
 
-def _image_batches(ds, n: int, batch: int, device):
-    """The first ``n`` images of ``ds`` in order, a batch at a time: in-memory splits are moved to
+def _image_batches(ds, items: range, batch: int, device):
+    """The images ``items`` of ``ds`` in order, a batch at a time: in-memory splits are moved to
     the device once and sliced (no per-item ``__getitem__``); others go through a DataLoader."""
     if getattr(ds, "in_memory", False):
         ds = ds.to(device) if device.type == "cuda" else ds
-        for a in range(0, n, batch):
-            yield ds[list(range(a, min(n, a + batch)))][0]
+        for a in range(0, len(items), batch):
+            yield ds[list(items[a:a + batch])][0]
         return
-    for x, _ in DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=batch, shuffle=False):
+    for x, _ in DataLoader(torch.utils.data.Subset(ds, items), batch_size=batch, shuffle=False):
         yield x
 
 
-def _prefix_pass(prefix, ds, n: int, cfg: Config, opts: LoopOptions, dtype, path=None) -> Optional[np.ndarray]:
-    """The prefix over the first ``n`` items of ``ds``: returned as one array, or, with ``path``,
-    written batch by batch into a memory-mapped ``.npy`` there (never all in memory)."""
+def _sharded_pass(store, parts: dict, prefix, images, n: int, cfg: Config, opts: LoopOptions, dtype):
+    """DDP: the one-off prefix pass split across the ranks (rank r: items r, r + N, ...) and
+    gathered into index order on every rank; a rank whose store lacks the entry writes it (under
+    the store's lock: one writer per entry on a shared store). Read from the stores when every
+    rank has it. Returns (array, reused)."""
+    key, w = make_key(parts), dist.world()
+    found = store.lookup(key)
+    if all(dist.all_gather(found is not None)):
+        return found, True
+    mine = _prefix_pass(prefix, images, n, cfg, opts, dtype, items=range(w.rank, n, w.size))
+    full = dist.interleave(dist.all_gather(mine))
+    if found is None and store.root is not None:
+        store.get_or_create(key, lambda: full, parts)
+    return full, False
+
+
+def _prefix_pass(prefix, ds, n: int, cfg: Config, opts: LoopOptions, dtype, path=None,
+                 items: Optional[range] = None) -> Optional[np.ndarray]:
+    """The prefix over the first ``n`` items of ``ds`` (or over ``items``, a rank's shard):
+    returned as one array, or, with ``path``, written batch by batch into a memory-mapped ``.npy``
+    there (never all in memory)."""
     out, mm, i = [], None, 0
+    items = range(n) if items is None else items
+    n = len(items)
     batch = max(cfg.batch_size, 64)
     log.info("frozen prefix: computing the outputs of %d images (once)", n)
     with torch.inference_mode():
-        for x in progress.bar(_image_batches(ds, n, batch, opts.device), total=-(-n // batch),
+        for x in progress.bar(_image_batches(ds, items, batch, opts.device), total=-(-n // batch),
                               desc=f"frozen prefix ({n} images)", unit="batch"):
             with autocast(opts):
                 h = prefix(batch_to(x, opts))

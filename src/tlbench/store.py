@@ -161,6 +161,10 @@ class FeatureStore:
         except OSError:  # someone else's complete entry won the race: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def lookup(self, key: str, mmap: "bool | str" = "auto") -> Optional[np.ndarray]:
+        """The entry ``key`` when it is stored and whole (a damaged one is removed), else None."""
+        return None if self.root is None else self._load(key, mmap)
+
     def _load(self, key: str, mmap: bool) -> Optional[np.ndarray]:
         d = self.entry(key)
         if not d.exists():
