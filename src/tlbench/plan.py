@@ -120,12 +120,12 @@ def plan_report(model, plan: FreezePlan, as_json: bool = False, tasks: Optional[
     inp = d["input"]
     mean = ", ".join(f"{m:.3f}" for m in inp["mean"])
     std = ", ".join(f"{s:.3f}" for s in inp["std"])
+    size = f"{inp['size']}x{inp['size']}, " if inp["resize"] else "the dataset's native size, "
     lines = [
         f"freeze policy: {d['policy']}",
         f"weights:       {d['weights_source']}",
         *_weights_line(d.get("weights", {})),
-        f"input:         {inp['size']}x{inp['size']} x{inp['channels']} channels, mean ({mean}), std ({std})"
-        + ("" if inp["resize"] else ", native size"),
+        f"input:         {size}{inp['channels']} channels, mean ({mean}), std ({std})",
         f"features:      {d['feature_dim']}",
         *plan_lines(d["init_from"]),
     ]
