@@ -191,3 +191,18 @@ def test_in_chans_1():
 def test_errors(kw, match):
     with pytest.raises(TlbenchError, match=match):
         build_backbone(ModelConfig(**kw))
+
+
+def test_generic_timm_blocks_follow_timms_group_matcher():
+    """model=timm: the blocks are timm's group_matcher groups in forward order. CoaT registers
+    every patch embedding before any block, so its registration order (the slots) is not its
+    forward order; each block is named after its first module path and holds the rest. (CoaT's
+    serial blocks reuse the stage's cpe/crpe modules, so those parameters are in two blocks.)"""
+    bb = build_backbone(ModelConfig(name="timm", arch="coat_lite_tiny", pretrained=False))
+    assert list(bb.blocks()) == [name for k in range(1, 5)
+                                 for name in (f"patch_embed{k}", f"serial_blocks{k}.0", f"serial_blocks{k}.1")]
+    spec = dict(bb.block_spec)
+    assert spec["patch_embed2"] == ["patch_embed2", "cpe2", "crpe2"] and "norm4" in spec["serial_blocks4.1"]
+    for _, paths in bb.block_spec:
+        for p in paths:
+            bb.net.get_submodule(p)

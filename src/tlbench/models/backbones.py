@@ -24,6 +24,7 @@ from ..errors import TlbenchError, choices
 from . import stages, weights
 from ..registry import models
 from .base import Backbone, InputSpec
+from .split import has_adapter
 
 log = logging.getLogger(__name__)
 
@@ -351,11 +352,27 @@ def _build_timm(arch: str, cfg: ModelConfig, structure_only: bool = False) -> Ne
     net.pretrained_cfg.pop("state_dict", None)  # don't keep a second copy of the weights around
     pc = net.pretrained_cfg
     size = cfg.image_size or int(pc.get("input_size", (3, 224, 224))[-1])
-    spec = stages.group_slots(net, stages.find_slots(net, expand=_TIMM_STAGES))
-    if hasattr(net, "patch_embed"):  # ViTs: the transformer blocks only (stem, tokens stay outside)
-        spec = [(n, p) for n, p in spec if not any(q.startswith("patch_embed") for q in p)]
+    spec = _timm_spec(net, generic=cfg.name == "timm")
     distilled = "distilled" in arch
     return NetBackbone(net, spec, _spec(size, cfg.in_chans, pc.get("mean"), pc.get("std")), source, distilled)
+
+
+def _timm_spec(net, generic: bool) -> stages.Spec:
+    """The blocks of a timm network. ``model=timm`` archs of a family tlbench has no split adapter
+    for, with a ``group_matcher`` (most of timm), take its coarse groups in forward order
+    (``stages.matcher_spec``); the named models and the families with an adapter (ViT/DeiT, CaiT,
+    EfficientNet) keep the slots found in timm's stage containers, whose names ``plan``, the
+    presets, the docs and the split adapters use (``tests/test_backbones.py`` pins them)."""
+    spec = None
+    if generic and hasattr(net, "group_matcher") and not has_adapter(net):
+        from timm.models import group_modules
+
+        spec = stages.matcher_spec(net, group_modules(net, net.group_matcher(coarse=True)))
+    if spec is None or len(spec) < 2:
+        spec = stages.group_slots(net, stages.find_slots(net, expand=_TIMM_STAGES))
+    if hasattr(net, "patch_embed"):  # ViTs: the transformer blocks only (stem, tokens stay outside)
+        spec = [(n, p) for n, p in spec if not any(q.startswith("patch_embed") for q in p)]
+    return spec
 
 
 def _timm_weights(arch: str, cfg: ModelConfig):

@@ -304,6 +304,12 @@ FAMILIES: list[Family] = [
 ]
 
 
+def has_adapter(net: nn.Module) -> bool:
+    """Whether a wrapped network is an instance of a family with a split adapter (its block names
+    are the ones the adapter's steps use)."""
+    return any(fam.on == "net" and fam.classes() and isinstance(net, fam.classes()) for fam in FAMILIES)
+
+
 # ----------------------------------------------------------------------------- program
 @dataclass
 class Program:

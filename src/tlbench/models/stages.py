@@ -67,6 +67,36 @@ def group_slots(net: nn.Module, slots: list[str]) -> Spec:
     return spec
 
 
+def matcher_spec(net: nn.Module, groups: dict[int, list[str]]) -> Spec:
+    """Blocks from timm's ``group_matcher`` (``timm.models.group_modules``: group id -> the
+    modules holding parameters, ids in forward order). Each group becomes one block of the
+    smallest set of module paths that covers it (a module joins when every module with
+    parameters under it is in the group), named after its first path as every block is (CoaT's
+    ``patch_embed2`` holds ``patch_embed2``, ``cpe2`` and ``crpe2``). Used for ``model=timm`` archs,
+    whose registration order can differ from the forward order (CoaT registers every patch
+    embedding before any block)."""
+    owner = {name: gid for gid, names in groups.items() for name in names}
+    under: dict[str, set[int]] = {}  # module path -> the groups of the parameter-holding modules under it
+    for name, gid in owner.items():
+        parts = name.split(".") if name else []
+        for k in range(1, len(parts) + 1):
+            under.setdefault(".".join(parts[:k]), set()).add(gid)
+    spec: Spec = []
+    for gid in sorted(groups):
+        cover: list[str] = []
+        for name in groups[gid]:
+            if not name:
+                continue  # parameters held by the network itself (tokens, embeddings) stay outside blocks
+            parts = name.split(".")
+            top = next((".".join(parts[:k]) for k in range(1, len(parts) + 1) if under[".".join(parts[:k])] == {gid}),
+                       name)  # a module whose children belong to other groups: itself
+            if top not in cover:
+                cover.append(top)
+        if cover:
+            spec.append((cover[0], cover))
+    return spec
+
+
 def block_module(net: nn.Module, paths: list[str]) -> nn.Module:
     """The block as one module: the module itself, or an (unregistered) ModuleList of its members."""
     mods = [net.get_submodule(p) for p in paths]
