@@ -20,6 +20,7 @@ import numpy as np
 from torchvision.datasets import CIFAR10  # constants only (folder, file names, md5 sums, url)
 from torchvision.datasets.utils import check_integrity
 
+from .. import net
 from ..config import DatasetConfig
 from ..errors import TlbenchError
 from ._common import dataset_root
@@ -175,8 +176,6 @@ def _download(root: Path) -> None:
     if not _missing(root):
         return
     from torchvision.datasets import cifar as tv_cifar  # looked up at call time (tests patch it)
-
-    from .. import net
 
     why = net.unreachable(CIFAR10.url)  # one quick connect per process, not a hanging download
     if why:

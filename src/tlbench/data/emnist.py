@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 from torchvision.datasets import EMNIST
 
+from .. import net
 from ..config import DatasetConfig
 from ..errors import TlbenchError, choices
 from ._common import dataset_root
@@ -73,8 +74,6 @@ def _missing_error(root: Path, split: str) -> TlbenchError:
 
 def _download(root: Path, split: str) -> None:
     """torchvision's EMNIST downloader (fetches the zip of all splits into ROOT/EMNIST/raw)."""
-    from .. import net
-
     why = net.unreachable(EMNIST.url)  # one quick connect per process, not a hanging download
     if why:
         raise TlbenchError(

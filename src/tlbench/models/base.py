@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import TlbenchError, choices
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -45,8 +47,6 @@ class Backbone(nn.Module):
 def make_head(in_dim: int, out_dim: int, hidden=(), dropout: float = 0.0, activation: str = "relu") -> nn.Module:
     acts = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU}
     if activation not in acts:
-        from ..errors import TlbenchError, choices
-
         raise TlbenchError(f"head.activation={activation!r} is not valid; choose one of {choices(acts)}")
     layers: list[nn.Module] = []
     d = in_dim

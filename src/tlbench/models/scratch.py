@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import TlbenchError
 from .base import Backbone, InputSpec
 
 SCRATCH_MEAN = (0.5, 0.5, 0.5)
@@ -67,8 +68,6 @@ class ScratchMLP(Backbone):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not cfg.hidden:
-            from ..errors import TlbenchError
-
             raise TlbenchError("model.hidden is empty; the mlp needs at least one hidden size, e.g. [256,128]")
         layers = OrderedDict()
         for i, h in enumerate(cfg.hidden):

@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 import torch
 
 from .. import net
+from ..checkpoint import describe_load_error
 from ..errors import TlbenchError
 from ..net import is_offline
 
@@ -106,7 +107,6 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with non-tensor objects (refused unread), ...
-        from ..checkpoint import describe_load_error
 
         raise TlbenchError(
             f"could not read weights from {p}: {describe_load_error(e, p)}. Expected a state dict saved with "
@@ -372,7 +372,6 @@ def init_from_checkpoint(run_dir: str | Path, create: str = "") -> dict:
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, a refused (crafted) pickle payload
-        from ..checkpoint import describe_load_error
 
         raise TlbenchError(f"model.init_from: could not read {path}: {describe_load_error(e, path)}") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
