@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The CUDA path, proven and measured on one GPU (issue #13; <= 5 minutes on one H200, no network,
-# no pretrained weights): deit_tiny and efficientnet_lite0 at 224 px and the scratch CNN at 32 px
-# on a synthetic CIFAR-10 (10,000 training images unless --images N / --data CIFAR10_ROOT), tensor vs
-# loader data path, fp32 vs bf16, channels_last, torch.compile on/off; 3 epochs each. Prints a
-# Markdown table (img/s per epoch from each run's results.json, peak GPU memory, GPU utilization
-# from nvidia-smi) and writes everything under $OUT (or a temporary folder).
+# The CUDA path, proven and measured on one GPU (issue #13; about 5-8 minutes on one H200, no network,
+# no pretrained weights). First the issue's headline: DeiT-B distilled freeze=last_block, bf16, the
+# frozen-prefix cache, 10 epochs on 50,000 synthetic CIFAR-sized images (--big-images N), and the same
+# model fully fine-tuned for 1 epoch; then deit_tiny and efficientnet_lite0 at 224 px and the scratch
+# CNN at 32 px on 10,000 images (--images N / --data CIFAR10_ROOT): tensor vs loader data path, fp32 vs
+# bf16, channels_last, torch.compile on/off; 3 epochs each. Prints a Markdown table (img/s per epoch,
+# whole-run wall time, prefix pass, time waiting for data, peak GPU memory, GPU utilization from
+# nvidia-smi) and writes everything under $OUT (or a temporary folder).
 #
 #   bash scripts/bench_gpu.sh                 # on the GPU machine
 #   bash scripts/bench_gpu.sh --dry-run       # the same cases shrunk to seconds on CPU (tests/test_bench.py)

@@ -53,7 +53,7 @@ def hand_loop(args, model_name: str) -> float:
 
     sys.path.insert(0, str(REPO / "src"))
     from tlbench.build import build_everything, seed_everything
-    from tlbench.cli import compose
+    from tlbench.compose import compose
 
     cfg = compose([f"model={model_name}", "model.pretrained=false", "freeze=last_block", "dataset=cifar10", f"dataset.root={args.data}",
                    f"dataset.limit_per_class={args.per_class}", "trainer.batch_size=32",

@@ -62,7 +62,8 @@ FOLDERS = {"cifar10": "cifar10", "emnist": "emnist", "handwritten_digits": "hand
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-from tlbench.cli import compose, main  # noqa: E402
+from tlbench.cli import main  # noqa: E402
+from tlbench.compose import compose  # noqa: E402
 
 
 def fixture_root(name: str) -> Path:
@@ -92,7 +93,7 @@ SHRINK = ["trainer=smoke", "model.pretrained=false"]
 
 def sweep(name: str):
     """(jobs of the preset's basic-sweeper grid as override lists, its default group choices)."""
-    from tlbench.cli import _hydra_compose, sweep_jobs
+    from tlbench.compose import hydra_compose as _hydra_compose, sweep_jobs
 
     c = _hydra_compose([f"experiment={name}"], hydra_cfg=True)
     jobs = [[o for o in job if o != f"experiment={name}"] for job in sweep_jobs([f"experiment={name}"], c) or []]

@@ -91,3 +91,29 @@ def test_non_finite_loss_is_found_after_the_fact_with_its_step():
     with pytest.raises(Diverged, match="at step 4") as e:
         run_epoch(model, _loader(10, bad_at=3), ["label"], LoopOptions(device=torch.device("cpu")), optimizer=opt)
     assert e.value.step == 4
+
+
+def test_the_time_spent_waiting_for_batches_is_measured():
+    """EpochResult.data_wait_s: the host's time blocked on the data path (here a loader that
+    takes 30 ms per batch), reported per training epoch as ``data_wait_s`` (bench_gpu.sh's stall
+    column); a loader that is ready costs next to nothing."""
+    import time
+
+    class Slow:
+        def __init__(self, batches, delay):
+            self.batches, self.delay = batches, delay
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __iter__(self):
+            for b in self.batches:
+                time.sleep(self.delay)
+                yield b
+
+    torch.manual_seed(0)
+    batches = list(_loader(6))
+    opts = LoopOptions(device=torch.device("cpu"))
+    slow = run_epoch(DictModel(), Slow(batches, 0.03), ["label"], opts)
+    fast = run_epoch(DictModel(), Slow(batches, 0.0), ["label"], opts)
+    assert 6 * 0.03 <= slow.data_wait_s < slow.seconds and fast.data_wait_s < 0.02

@@ -117,6 +117,7 @@ class EpochResult:
     seconds: float
     steps: int = 0  # batches seen
     collected: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # task -> targets/preds/probs
+    data_wait_s: float = 0.0  # time the host waited for the next batch (the data path stalling the loop)
 
 
 @dataclass
@@ -200,7 +201,8 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
     store: dict[str, dict[str, list]] = {t: {} for t in tasks}
     sums = _Sums(tasks, opts.device, tasks if objective.scores else ())
     total = min(len(loader), limit) if limit else len(loader)
-    bar = tqdm(loader, total=total, desc=desc, leave=False, disable=not opts.progress)
+    waited = [0.0]
+    bar = tqdm(_timed(loader, waited), total=total, desc=desc, leave=False, disable=not opts.progress)
     shown = time.monotonic()
     grad = torch.enable_grad() if train else torch.inference_mode()
     with grad, contextlib.closing(bar):
@@ -240,8 +242,23 @@ def run_epoch(model, loader, tasks, opts: LoopOptions, optimizer=None, scaler=No
     return EpochResult(
         loss=loss_sum / n1, task_loss={t: v / n1 for t, v in t_loss.items()},
         accuracy={t: c / n1 for t, c in correct.items()}, n=n,
-        seconds=time.perf_counter() - start, steps=steps, collected=collected,
+        seconds=time.perf_counter() - start, steps=steps, collected=collected, data_wait_s=waited[0],
     )
+
+
+def _timed(loader, waited: list):
+    """The loader's batches; ``waited[0]`` adds up the time spent getting each one. The loop never
+    syncs with the device per step, so on CUDA the host runs ahead of the GPU: time it spends
+    here is time the GPU may have had nothing queued (a data-path stall), not kernel time."""
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t
+        yield batch
 
 
 def _cat(parts: list) -> np.ndarray:
@@ -430,7 +447,8 @@ def _check_divergence(state: TrainState, train: EpochResult, tcfg, epoch: int) -
 def _epoch_record(epoch: int, train: EpochResult, val: EpochResult, lrs: dict, bins: int = 15) -> dict:
     return {
         "epoch": epoch,
-        "train": {"loss": train.loss, "task_loss": train.task_loss, "accuracy": train.accuracy, "n": train.n},
+        "train": {"loss": train.loss, "task_loss": train.task_loss, "accuracy": train.accuracy, "n": train.n,
+                  "data_wait_s": train.data_wait_s},
         "val": {"loss": val.loss, "task_loss": val.task_loss, "accuracy": val.accuracy,
                 "macro_f1": macro_f1(val.collected), "ece": epoch_ece(val.collected, bins), "n": val.n},
         "lr": lrs, "train_seconds": train.seconds, "val_seconds": val.seconds,
