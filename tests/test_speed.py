@@ -237,3 +237,21 @@ def test_a_graph_that_fails_to_compile_runs_eagerly(cli, monkeypatch):
     code, rd = cli("trainer.max_epochs=1", "trainer.compile=true", "freeze=full", "trainer.batch_size=512")
     assert code == 0 and tried["n"] >= 1
     assert results(rd)["speed"]["compile"] is True and results(rd)["test"]["label"]["accuracy"] > 0.1
+
+
+def test_deterministic_runs_fix_the_cublas_workspace(monkeypatch):
+    """trainer.deterministic=true on CUDA needs CUBLAS_WORKSPACE_CONFIG before cuBLAS starts, or
+    every matmul warns and may differ between runs; seed_everything sets it (a user's value wins),
+    and leaves it alone when determinism is off."""
+    import os
+
+    from tlbench.build import seed_everything
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seed_everything(0, deterministic=False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    seed_everything(0, deterministic=True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    seed_everything(0, deterministic=True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

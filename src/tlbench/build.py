@@ -4,6 +4,7 @@ freeze plan (``build_everything``), and ``tlbench download``. Used by ``run``, `
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -28,6 +29,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.backends.cudnn.benchmark = False
+        # cuBLAS is deterministic only with a fixed workspace, set before its first use (torch's
+        # "Reproducibility" notes); otherwise every CUDA matmul warns and may differ between runs
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
