@@ -117,3 +117,21 @@ def test_the_time_spent_waiting_for_batches_is_measured():
     slow = run_epoch(DictModel(), Slow(batches, 0.03), ["label"], opts)
     fast = run_epoch(DictModel(), Slow(batches, 0.0), ["label"], opts)
     assert 6 * 0.03 <= slow.data_wait_s < slow.seconds and fast.data_wait_s < 0.02
+
+
+def test_batch_indices_reach_a_cuda_device_without_a_sync(monkeypatch):
+    """devices.to_device: on CUDA a host list becomes a pinned tensor copied with non_blocking=True
+    (a copy from pageable memory would wait for every queued kernel); on the CPU, a plain tensor.
+    Checked here by recording the calls (no GPU needed); constants are made once per device."""
+    from tlbench import devices
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(("to", k.get("non_blocking"))) or self)
+    devices.to_device([3, 1, 2], torch.device("cuda"))
+    assert calls == ["pin", ("to", True)]
+    calls.clear()
+    t = devices.to_device([3, 1, 2], torch.device("cpu"))
+    assert calls == [] and t.tolist() == [3, 1, 2]
+    a = devices.constant((0.5, 0.25), torch.device("cpu"), (1, -1, 1, 1))
+    assert a is devices.constant((0.5, 0.25), torch.device("cpu"), (1, -1, 1, 1)) and a.shape == (1, 2, 1, 1)

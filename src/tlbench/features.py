@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import dist, progress
 from .config import Config
 from .data import SplitDataset, unpack
+from .devices import to_device
 from .engine import LoopOptions, autocast, batch_to
 from .errors import TlbenchError
 from .models.split import split_backbone, split_point
@@ -101,9 +102,19 @@ class FeatureSplit(Dataset):
     """Stored prefix outputs of one split (and of its mirrored images), with the labels."""
 
     in_memory = True  # no loader workers needed
+
     def __init__(self, h, h_flip, labels: dict, indices):
         self.h, self.h_flip = as_tensor(h), (as_tensor(h_flip) if h_flip is not None else None)
         self.labels, self.indices = labels, list(indices)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.h, self.h_flip) if t is not None)
+
+    def to(self, device) -> "FeatureSplit":
+        """The stored outputs and labels on ``device`` (a memory-mapped entry is read whole)."""
+        return FeatureSplit(self.h.to(device), self.h_flip.to(device) if self.h_flip is not None else None,
+                            {t: torch.as_tensor(y).to(device) for t, y in self.labels.items()}, self.indices)
 
     def __len__(self) -> int:
         return len(self.h)
@@ -111,11 +122,12 @@ class FeatureSplit(Dataset):
     def __getitem__(self, item):
         if isinstance(item, list):  # a whole batch (loaders.Batches)
             reqs = [unpack(r) for r in item]
-            idx = torch.as_tensor([i for i, _ in reqs])
+            idx = to_device([i for i, _ in reqs], self.h.device)
             h = self.h[idx]
             if self.h_flip is not None:
-                flip = torch.as_tensor([f for _, f in reqs])
-                if bool(flip.any()):
+                flips = [bool(f) for _, f in reqs]
+                if any(flips):  # decided on the host: no device sync
+                    flip = to_device(flips, self.h.device)
                     h[flip] = self.h_flip[idx[flip]]
             return h.float(), {t: y[idx] for t, y in self.labels.items()}
         i, flip = unpack(item)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import is_reconstruction
+from .devices import constant
 from .figures import _figure
 from .models.cae import RECON_TASK
 from .tracking import _save
@@ -95,13 +96,13 @@ class Reconstruction:
 
     def __init__(self, loss: str, mean, std):
         self.loss = "mse" if loss == "auto" else loss
-        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(v) for v in std)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """The [0, 1] image a normalized batch came from."""
         shape = (1, x.shape[1], 1, 1)
-        mean = self.mean[: x.shape[1]].to(x.device, torch.float32).view(shape)
-        std = self.std[: x.shape[1]].to(x.device, torch.float32).view(shape)
+        mean = constant(self.mean[: x.shape[1]], x.device, shape)
+        std = constant(self.std[: x.shape[1]], x.device, shape)
         return (x.float() * std + mean).clamp(0.0, 1.0)
 
     def image_losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

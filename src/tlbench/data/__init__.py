@@ -19,6 +19,7 @@ from PIL import ImageOps
 from torch.utils.data import Dataset
 
 from ..config import DatasetConfig
+from ..devices import to_device
 from ..errors import TlbenchError, choices
 from ..models.base import InputSpec
 from ..registry import DATASETS
@@ -93,8 +94,8 @@ class TensorSplit(Dataset):
 
     def __getitem__(self, item):
         if isinstance(item, list):  # a whole batch (loaders.Batches): one slice per tensor
-            idx = torch.as_tensor([unpack(r)[0] for r in item])
-            return self.x[idx.to(self.x.device)], {t: y[idx.to(y.device)] for t, y in self.labels.items()}
+            idx = to_device([unpack(r)[0] for r in item], self.x.device)
+            return self.x[idx], {t: y[idx if y.device == idx.device else idx.to(y.device)] for t, y in self.labels.items()}
         i, _ = unpack(item)
         return self.x[i], {t: y[i] for t, y in self.labels.items()}
 

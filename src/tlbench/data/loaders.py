@@ -115,7 +115,8 @@ def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[
     loaders = {}
     for name in ("train", "val", "test"):
         ds = getattr(bundle, name)
-        on_device = isinstance(ds, (TensorSplit, ImageSplit)) and cuda
+        on_device = cuda and (isinstance(ds, (TensorSplit, ImageSplit)) or (  # stored prefix outputs that fit
+            hasattr(ds, "nbytes") and hasattr(ds, "to") and ds.nbytes <= d.tensor_budget_gb * 2**30))
         if on_device:
             ds = ds.to(device)  # data stays on the GPU: no per-batch host->device copies
         workers = d.num_workers if d.num_workers is not None else (

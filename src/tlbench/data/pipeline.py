@@ -44,6 +44,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..errors import TlbenchError
 from ..models.base import InputSpec
 from .. import progress
+from ..devices import constant, to_device
 from ..store import FeatureStore, as_tensor, make_key
 from .base import Source, unpack
 from .transforms import _ChannelFix, crop_padding, model_size
@@ -172,9 +173,7 @@ class BatchTransform:
         x = x.float().div_(255)
         if self.expand:
             x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return (x - constant(self.mean, x.device, (1, -1, 1, 1))) / constant(self.std, x.device, (1, -1, 1, 1))
 
     def __repr__(self) -> str:
         return (f"BatchTransform(size={self.size}, pad={self.pad}, expand={self.expand}, mean={self.mean}, "
@@ -185,7 +184,7 @@ def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Each image of ``x`` zero-padded by ``pad`` and cropped back to its size at an offset drawn
     from the global torch RNG (CPU, as ``T.RandomCrop``), as one gather."""
     b, c, h, w = x.shape
-    off = torch.randint(0, 2 * pad + 1, (2, b)).to(x.device)
+    off = to_device(torch.randint(0, 2 * pad + 1, (2, b)), x.device)
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     rows = (off[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (off[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
@@ -214,12 +213,12 @@ class ImageSplit:
         batch = isinstance(item, list)
         reqs = [unpack(r) for r in (item if batch else [item])]
         dev = self.x.device
-        idx = torch.as_tensor([i for i, _ in reqs], device=dev)
+        idx = to_device([i for i, _ in reqs], dev)
         flips = None
         if self.mirror or (self.flip and any(f for _, f in reqs)):
-            flips = torch.as_tensor([self.mirror or f for _, f in reqs], device=dev)
+            flips = to_device([bool(self.mirror or f) for _, f in reqs], dev)
         x = self.transform(self.x[idx], flips)
-        y = {t: v[idx.to(v.device)] for t, v in self.labels.items()}
+        y = {t: v[idx if v.device == dev else idx.to(v.device)] for t, v in self.labels.items()}
         return (x, y) if batch else (x[0], {t: v[0] for t, v in y.items()})
 
     def to(self, device) -> "ImageSplit":
