@@ -125,7 +125,8 @@ def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[
         sampler = (EpochSampler(len(ds), cfg.seed, w.rank, w.size, cfg.batch_size) if name == "train"
                    else Strided(len(ds), w.rank, w.size))
         if getattr(ds, "in_memory", False) and workers == 0:
-            loaders[name] = DataLoader(ds, batch_size=None, sampler=Batches(sampler, batch))
+            # pinned on CUDA when the split stayed on the host, so batch_to's copy does not block
+            loaders[name] = DataLoader(ds, batch_size=None, sampler=Batches(sampler, batch), pin_memory=pin)
             continue
         loaders[name] = DataLoader(
             ds, batch_size=batch, sampler=sampler, shuffle=False, num_workers=workers,
