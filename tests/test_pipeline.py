@@ -224,3 +224,20 @@ def test_decoding_files_shows_a_bar_on_a_terminal(monkeypatch, tmp_path, capsys)
     _bundle(monkeypatch, None, "tensor", name="image_folder", root=str(tmp_path / "data"))
     err = capsys.readouterr().err.replace("\r", "\n")
     assert re.search(r"decoding 24 images: +\d+%\|.*\| \d+/24 ", err), err
+
+
+def test_every_training_fraction_shares_one_decoded_entry(monkeypatch, tmp_path):
+    """The tensor path decodes the splits as they are before dataset.train_fraction, so every
+    point of a label-efficiency curve reuses one decoded entry; the training split still holds
+    only the kept items."""
+    noise_files(tmp_path / "data")
+    store = FeatureStore(tmp_path / "store")
+    kw = dict(name="image_folder", root=str(tmp_path / "data"))
+    full = _bundle(monkeypatch, None, "tensor", store=store, **kw)
+    half = _bundle(monkeypatch, None, "tensor", store=store, train_fraction=0.5, **kw)
+    assert full.pipeline["reused"] is False and half.pipeline["reused"] is True
+    assert half.pipeline["store_key"] == full.pipeline["store_key"]
+    assert len(half.train) < len(full.train) and half.splits["test"] == full.splits["test"]
+    kept = {i: k for k, i in enumerate(full.splits["train"])}
+    for j, i in enumerate(half.splits["train"]):  # the kept items' pixels are the full split's
+        assert torch.equal(half.train.x[j], full.train.x[kept[i]])

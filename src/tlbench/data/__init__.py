@@ -172,19 +172,22 @@ def _loader_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetC
     return datasets
 
 
-def _make_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetConfig, spec: InputSpec, store):
+def _make_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetConfig, spec: InputSpec, store,
+                 full: dict):
     """``{split: dataset}`` on the path ``dataset.pipeline`` chooses (``data/pipeline.py``), the
-    eval transform (for other items of the source) and the record of the choice."""
+    eval transform (for other items of the source) and the record of the choice. ``full``: the
+    splits before ``train_fraction`` / ``train_per_class``: the tensor path decodes all of their
+    images, so every fraction of a curve shares one decoded entry in the store."""
     native = _native_size(source)
     train_tf, eval_tf = build_transforms(spec, cfg.augment, native, isinstance(source.images, list))
-    n_items = len(np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in splits.values()])))
+    n_items = len(np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in full.values()])))
     choice = choose(cfg, source, n_items, spec, native)
     log.info("data pipeline: %s (%s)", choice.mode, choice.reason)
     if choice.mode == "loader":
         return _loader_splits(source, splits, tasks, cfg, train_tf, eval_tf), eval_tf, choice.record()
 
     datasets, record = tensor_splits(source, splits, tasks, spec, native, cfg, choice,
-                                              store if store is not None else FeatureStore(None))
+                                     store if store is not None else FeatureStore(None), decoded=full)
     return datasets, eval_tf, record
 
 
@@ -209,8 +212,9 @@ def build_data(cfg: DatasetConfig, spec: InputSpec, store=None, seed: int = 0) -
         len(source), strat, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         official_test=official, seed=cfg.split_seed, stratify=cfg.stratify, pool=pool,
     )
+    full = splits
     splits, subset = _shrink_train(cfg, source, strat, splits, seed)
-    datasets, eval_tf, pipeline_record = _make_splits(source, splits, tasks, cfg, spec, store)
+    datasets, eval_tf, pipeline_record = _make_splits(source, splits, tasks, cfg, spec, store, full)
     counts = _class_counts(source, splits, tasks)
     for name in splits:
         log.info("%s split: %d items; %s", name, len(splits[name]), "; ".join(_counts_line(counts[name][t], t)

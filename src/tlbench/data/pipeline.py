@@ -34,6 +34,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,10 +42,10 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import TlbenchError
-from ..models.base import InputSpec
 from .. import progress
 from ..devices import constant, to_device
+from ..errors import TlbenchError
+from ..models.base import InputSpec
 from ..store import FeatureStore, as_tensor, make_key
 from .base import Source, unpack
 from .transforms import _ChannelFix, crop_padding, model_size
@@ -232,10 +233,11 @@ class ImageSplit:
 
 
 def tensor_splits(source: Source, splits: dict, tasks: list[str], spec: InputSpec, native: int, cfg,
-                  choice: Choice, store: FeatureStore) -> tuple[dict, dict]:
-    """``{split: ImageSplit}`` over one decode of every image the splits use, and a record."""
+                  choice: Choice, store: FeatureStore, decoded: Optional[dict] = None) -> tuple[dict, dict]:
+    """``{split: ImageSplit}`` over one decode of every image the splits use (or of the splits
+    ``decoded``, a superset: the splits before a training subset), and a record."""
     st = choice.storage
-    needed = np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in splits.values()]))
+    needed = np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in (decoded or splits).values()]))
     images, rec = decode(source, needed, st, store)
     size = model_size(spec, native)
     flip = cfg.augment in ("flip", "flip_crop")
