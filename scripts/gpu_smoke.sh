@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The first thing to run on a GPU machine (issue #13): does the CUDA path work at all? A few short
-# runs on the embedded digits and synthetic CIFAR (no network, no weights), each checked from its
+# runs on the embedded digits (no network, no weights), each checked from its
 # results.json: the default run on cuda (tensor path on the device, bf16 auto), torch.compile,
 # channels_last + bf16 on a conv net, the frozen-prefix cache, and a 1-process torchrun (the launcher
 # path; nccl itself needs 2 GPUs: N=2 DEVICE=cuda bash scripts/bench_ddp.sh).
 # ~2 minutes on one H200. Then: OUT=... bash scripts/bench_gpu.sh for the numbers.
 #
 #   OUT=/tmp/gpu_smoke bash scripts/gpu_smoke.sh          # on the GPU machine
-#   DEVICE=cpu bash scripts/gpu_smoke.sh                  # the same runs on CPU (tests/test_bench.py)
+#   DEVICE=cpu bash scripts/gpu_smoke.sh                  # the same runs on CPU (~40 s on 2 cores)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
