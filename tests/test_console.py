@@ -8,6 +8,7 @@ import re
 import sys
 
 import pytest
+from conftest import BrokenLogger
 
 SHORT = ("trainer.max_epochs=2", "trainer.batch_size=128")
 TIME = r"\d\d:\d\d:\d\d"
@@ -50,18 +51,7 @@ def test_default_console_is_compact_one_line_per_epoch(tmp_path, capsys):
 def test_quiet_prints_warnings_and_the_summary_only(tmp_path, capsys, monkeypatch):
     from tlbench import loggers
 
-    class Broken:
-        name = "mlflow"
-
-        def __init__(self, *a, **k):
-            pass
-
-        def scalars(self, *a):
-            raise RuntimeError("store is gone")
-
-        hparams = close = scalars
-
-    monkeypatch.setattr(loggers, "MlflowLogger", Broken)  # a warning to see
+    monkeypatch.setattr(loggers, "MlflowLogger", BrokenLogger)  # a warning to see
     code, run = _run(tmp_path, "--quiet", "logger=[tensorboard,csv,mlflow]", progress=True)
     out, err = capsys.readouterr()
     assert code == 0 and err == ""

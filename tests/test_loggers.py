@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import results
+from conftest import BrokenLogger, results
 
 SHORT = ("trainer.max_epochs=2", "trainer.batch_size=128")
 
@@ -177,18 +177,7 @@ def test_a_failing_logger_never_costs_the_result(cli, monkeypatch):
 
     from tlbench import loggers
 
-    class Broken:
-        name = "mlflow"
-
-        def __init__(self, *a, **k):
-            pass
-
-        def scalars(self, *a):
-            raise RuntimeError("store is gone")
-
-        hparams = close = scalars
-
-    monkeypatch.setattr(loggers, "MlflowLogger", Broken)
+    monkeypatch.setattr(loggers, "MlflowLogger", BrokenLogger)
 
     def broken_scalar(self, *a, **k):
         raise OSError("disk full")
