@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from tlbench.compare import aggregate, collect_runs, compare_main, resolve_metric, stats
-from tlbench.tables import plot, render
+from tlbench.plots import plot
+from tlbench.tables import render
 from tlbench.errors import TlbenchError
 
 T975 = {1: 12.706204736174707, 2: 4.302652729749464, 3: 3.182446305284263}  # t.ppf(0.975, df), from tables

@@ -15,7 +15,8 @@ import pytest
 
 from tlbench.compare import aggregate, collect_runs, compare_main
 from tlbench.errors import TlbenchError
-from tlbench.tables import figure, key_headers, metric_name, plot, render, table
+from tlbench.plots import figure, plot
+from tlbench.tables import key_headers, metric_name, render, table
 
 from test_compare import T975, make_run
 

@@ -201,7 +201,7 @@ def test_curve_lines_are_the_tables_means(tmp_path, errorbar):
     from matplotlib.collections import PathCollection, PolyCollection
 
     from tlbench.compare import aggregate, collect_runs
-    from tlbench.tables import curve_series, figure, is_curve
+    from tlbench.plots import curve_series, figure, is_curve
 
     accs = _fake_curve(tmp_path)
     rows = aggregate(collect_runs([tmp_path])[0], "model.init_from,dataset.train_fraction")
@@ -241,7 +241,7 @@ def test_curve_lines_are_the_tables_means(tmp_path, errorbar):
 
 def test_not_a_curve_keeps_the_bars(tmp_path):
     from tlbench.compare import aggregate, collect_runs, compare_main
-    from tlbench.tables import figure, is_curve
+    from tlbench.plots import figure, is_curve
 
     _fake_curve(tmp_path)
     runs = collect_runs([tmp_path])[0]
@@ -263,7 +263,7 @@ def test_not_a_curve_keeps_the_bars(tmp_path):
 
 def test_xscale_auto_is_log_when_the_values_span_more_than_10x(tmp_path):
     from tlbench.compare import aggregate, collect_runs, compare_main
-    from tlbench.tables import figure
+    from tlbench.plots import figure
 
     _fake_curve(tmp_path)  # 0.1 .. 1.0
     rows = aggregate(collect_runs([tmp_path])[0], "model.init_from,dataset.train_fraction")
@@ -286,7 +286,7 @@ def test_small_sweep_gives_the_curve(tmp_path, capsys):
     items in every run, the 50 % runs train on half, and compare draws one line through both fractions."""
     from tlbench.cli import main
     from tlbench.compare import aggregate, collect_runs, compare_main
-    from tlbench.tables import curve_series
+    from tlbench.plots import curve_series
 
     sweep = tmp_path / "sweep"
     assert main(["-m", "dataset.train_fraction=0.5,1.0", "seed=0,1", "trainer.max_epochs=1", "trainer.progress=false",

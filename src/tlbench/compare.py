@@ -16,9 +16,9 @@ Pure pieces, usable from tests and notebooks without the CLI:
   95% CI half-width (t distribution); and the costs: trainable parameters, best epoch, total
   wall time per run (the one-off feature pass included), seconds per epoch, training images per
   second (only for runs that trained on images); warnings per group.
-- ``tables.render(rows, fmt, problems=())`` -> Markdown, CSV or LaTeX text; ``tables.plot(rows, path,
+- ``tables.render(rows, fmt, problems=())`` -> Markdown, CSV or LaTeX text; ``plots.plot(rows, path,
   errorbar, size, xscale, kind)`` -> PNG / PDF / SVG: bars per group, or a curve when the last ``--by``
-  key is numeric (``tables.curve_series``: the lines it draws).
+  key is numeric (``plots.curve_series``: the lines it draws).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Optional, Sequence
 
 from .errors import TlbenchError
 from .runs import Run, collect_runs
-from .tables import (_MISSING, ERRORBARS, FORMATS, PLOT_KINDS, XSCALES, Metric, Row, Stat, figure_size, is_number,
-                     key_texts, notes, plot, plot_paths, render)
+from .plots import PLOT_KINDS, XSCALES, figure_size, plot, plot_paths
+from .tables import _MISSING, ERRORBARS, FORMATS, Metric, Row, Stat, is_number, key_texts, notes, render
 
 ALIASES = {"model": "model.name", "freeze": "freeze.name", "dataset": "dataset.name", "optim": "optim.name",
            "sched": "sched.name"}
