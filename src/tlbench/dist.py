@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import TlbenchError
 
@@ -181,6 +182,21 @@ def sync_batchnorm(model: torch.nn.Module, setting: str, device: torch.device) -
         return False
     torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return True
+
+
+def ddp_wrapper(device: torch.device):
+    """The DDP wrapper training runs through, rebuilt when the trainable set changes (gradual
+    unfreezing); frozen parameters stay out of its gradient buckets."""
+    held: dict = {}
+
+    def wrap(net: torch.nn.Module) -> torch.nn.Module:
+        key = (id(net), tuple(p.requires_grad for p in net.parameters()))
+        if held.get("key") != key:
+            held["key"] = key
+            held["ddp"] = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        return held["ddp"]
+
+    return wrap
 
 
 def describe(device: torch.device) -> dict:

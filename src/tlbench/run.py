@@ -309,27 +309,10 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
         hooks = FitHooks(save=lambda s, name: None, log_epoch=lambda s, rec: None, before_epoch=hooks.before_epoch,
                          train_mode=hooks.train_mode)
     if dist.world().size > 1:
-        hooks.wrap = _ddp(ctx.device)
+        hooks.wrap = dist.ddp_wrapper(ctx.device)
     with progress.EpochBar(cfg.trainer.max_epochs, state.epoch, show=ctx.opts.progress) as bar:
         fit(state, ctx.loaders, list(bundle.tasks), ctx.opts, cfg.trainer, bar.hooked(hooks))
     return finish(cfg, run_dir, ctx)
-
-
-def _ddp(device: torch.device):
-    """The DDP wrapper training runs through, rebuilt when the trainable set changes (gradual
-    unfreezing); frozen parameters stay out of its gradient buckets."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    held: dict = {}
-
-    def wrap(net: torch.nn.Module) -> torch.nn.Module:
-        key = (id(net), tuple(p.requires_grad for p in net.parameters()))
-        if held.get("key") != key:
-            held["key"] = key
-            held["ddp"] = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        return held["ddp"]
-
-    return wrap
 
 
 def _step_logger(cfg: Config, state: TrainState, tracker: Tracker):

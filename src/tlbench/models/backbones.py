@@ -367,7 +367,7 @@ def _timm_spec(net, generic: bool) -> stages.Spec:
     if generic and hasattr(net, "group_matcher") and not has_adapter(net):
         from timm.models import group_modules
 
-        spec = stages.matcher_spec(net, group_modules(net, net.group_matcher(coarse=True)))
+        spec = stages.matcher_spec(group_modules(net, net.group_matcher(coarse=True)))
     if spec is None or len(spec) < 2:
         spec = stages.group_slots(net, stages.find_slots(net, expand=_TIMM_STAGES))
     if hasattr(net, "patch_embed"):  # ViTs: the transformer blocks only (stem, tokens stay outside)

@@ -67,7 +67,7 @@ def group_slots(net: nn.Module, slots: list[str]) -> Spec:
     return spec
 
 
-def matcher_spec(net: nn.Module, groups: dict[int, list[str]]) -> Spec:
+def matcher_spec(groups: dict[int, list[str]]) -> Spec:
     """Blocks from timm's ``group_matcher`` (``timm.models.group_modules``: group id -> the
     modules holding parameters, ids in forward order). Each group becomes one block of the
     smallest set of module paths that covers it (a module joins when every module with
