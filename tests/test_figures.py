@@ -85,14 +85,14 @@ def digits_run(tmp_path_factory):
 
     rd = tmp_path_factory.mktemp("fig") / "run"
     captured = {}
-    original = tracking._save
+    original = tracking.save_figure
 
     def save(fig, path):
         captured[Path(path).name] = fig
         return original(fig, path)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(tracking, "_save", save)
+    mp.setattr(tracking, "save_figure", save)
     mp.setenv("HF_HUB_OFFLINE", "1")
     try:
         code = main(["trainer.max_epochs=1", "trainer.progress=false", f"hydra.run.dir={rd}"])
@@ -162,13 +162,13 @@ def test_misclassified_grid_labels_match_the_predictions_file(digits_run):
 # ----------------------------------------------------------------------------- console
 def test_eval_summary_lines(digits_run, monkeypatch):
     rd, _ = digits_run
-    figs, original = {}, tracking._save
+    figs, original = {}, tracking.save_figure
 
     def save(fig, path):
         figs[Path(path).name] = fig
         return original(fig, path)
 
-    monkeypatch.setattr(tracking, "_save", save)
+    monkeypatch.setattr(tracking, "save_figure", save)
     out = evaluate_run(rd, "val", {}, "v")
     res = json.loads((out / "results.json").read_text())
     m = res["val"]["label"]

@@ -247,10 +247,10 @@ def test_read_only_parent_is_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- 8. divergence
 def test_nan_loss_is_recorded_as_diverged(cli, tmp_path, monkeypatch, capsys):
-    import tlbench.engine as engine
+    import tlbench.objectives as objectives
 
     calls = {"n": 0}
-    orig = engine.task_loss
+    orig = objectives.task_loss
 
     def nan_in_epoch_2(logits, target, weight):
         loss = orig(logits, target, weight)
@@ -260,7 +260,7 @@ def test_nan_loss_is_recorded_as_diverged(cli, tmp_path, monkeypatch, capsys):
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(engine, "task_loss", nan_in_epoch_2)
+    monkeypatch.setattr(objectives, "task_loss", nan_in_epoch_2)
     code, rd = cli("trainer.max_epochs=3", "trainer.batch_size=128", run_dir=tmp_path / "nan")
     assert code == 2
     err = capsys.readouterr().err

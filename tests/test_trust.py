@@ -448,7 +448,7 @@ def test_loss_is_cross_entropy_on_logits():
     """Softmax fed to cross-entropy: the loss on fixed logits equals mean -log_softmax(logits)[y]
     (by hand, float64); a distilled (cls, dist) pair gives the mean of the two; class weights give
     the weighted mean."""
-    from tlbench.engine import task_loss
+    from tlbench.objectives import task_loss
 
     logits, y = _logits()
     want = nll_by_hand(logits.numpy(), y.numpy()).mean()
@@ -492,7 +492,7 @@ def test_loop_loss_and_probabilities_come_from_the_logits():
 def test_model_returns_logits_and_distilled_pair_is_averaged_in_eval():
     """TLModel's output is the head's raw output (logits, no softmax); a distilled backbone gives
     the stacked (cls, dist) pair in training and the mean of the two in eval."""
-    from tlbench.engine import task_loss
+    from tlbench.objectives import task_loss
     from tlbench.models.base import Backbone, InputSpec, TLModel
 
     class Tiny(Backbone):

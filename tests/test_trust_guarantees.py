@@ -110,16 +110,16 @@ def test_frozen_backbone_runs_without_dropout_when_features_are_not_cached(cli, 
 def test_balanced_class_weights_reach_the_loss(cli, tmp_path, monkeypatch):
     """dataset.class_weights=balanced: every cross-entropy of the run is weighted per class by
     n_train / (K * n_train_of_class), from the training split's counts in results.json."""
-    import tlbench.engine as engine
+    import tlbench.objectives as objectives
 
     seen = []
-    real = engine.task_loss
+    real = objectives.task_loss
 
     def recording(logits, target, weight):
         seen.append(None if weight is None else weight.detach().cpu().clone())
         return real(logits, target, weight)
 
-    monkeypatch.setattr(engine, "task_loss", recording)
+    monkeypatch.setattr(objectives, "task_loss", recording)
     root = tmp_path / "xray"
     fx.write_chest_xray(root, train={"Covid": 12, "Normal": 4, "Viral_Pneumonia": 4},
                         test={"Covid": 2, "Normal": 2, "Viral_Pneumonia": 2})

@@ -1,11 +1,10 @@
 """The one loop. ``run_epoch`` serves train, val and test alike; ``fit`` adds epochs,
 early stopping on validation, checkpoints and logging.
 
-Models return ``{task: logits}``; the loss is the sum over tasks of cross-entropy on
-logits (never on probabilities). A distilled backbone returns stacked (cls, dist) logits
-while training; both heads learn the same label and their losses are averaged. That is the
-default *objective* (:class:`Classification`); ``LoopOptions.objective`` replaces it
-(``recon.Reconstruction``: the model's output is compared with its input).
+Models return ``{task: logits}``. What the loop minimizes and scores is an *objective*:
+``objectives.Classification`` by default (cross-entropy on logits, summed over tasks);
+``LoopOptions.objective`` replaces it (``recon.Reconstruction``: the model's output is
+compared with its input).
 """
 
 from __future__ import annotations
@@ -20,13 +19,13 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import dist
 from .checkpoint import rng_state, set_rng_state
 from .errors import TlbenchError
 from .metrics import epoch_ece, improved, macro_f1, monitor_value
+from .objectives import Classification
 from .optim import group_lrs, step_scheduler
 
 log = logging.getLogger(__name__)
@@ -71,41 +70,6 @@ def amp_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
         log.warning("trainer.precision=%s needs CUDA; running in 32-bit on %s", precision, device)
         return None
     return torch.float16 if precision == "16-mixed" else torch.bfloat16
-
-
-def task_loss(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
-    if logits.dim() == 3:  # distilled pair (cls, dist): both heads learn the label
-        return sum(F.cross_entropy(l, target, weight=weight) for l in logits) / logits.shape[0]
-    return F.cross_entropy(logits, target, weight=weight)
-
-
-def eval_logits(logits: torch.Tensor) -> torch.Tensor:
-    return logits.mean(0) if logits.dim() == 3 else logits
-
-
-class Classification:
-    """The default objective: per task, cross-entropy of the logits against the label; scored by
-    the number of correct argmax predictions; collected as targets, predictions, probabilities.
-
-    An objective has ``losses(out, x, y) -> {task: loss}`` (under autocast, before the step) and
-    ``measure(out, x, y, collect) -> ({task: hits}, {task: {name: per-item tensor}} or None)``
-    (after it, on detached outputs; hits / items = the epoch's ``accuracy``)."""
-
-    scores = True  # hits per task: the epoch's accuracy
-
-    def __init__(self, class_weights: Optional[dict[str, torch.Tensor]] = None):
-        self.class_weights = class_weights or {}
-
-    def losses(self, out: dict, x: torch.Tensor, y: dict) -> dict:
-        return {t: task_loss(out[t].float(), y[t], self.class_weights.get(t)) for t in out}
-
-    def measure(self, out: dict, x: torch.Tensor, y: dict, collect: bool):
-        logits = {t: eval_logits(v.detach().float()) for t, v in out.items()}
-        preds = {t: v.argmax(1) for t, v in logits.items()}
-        hits = {t: (preds[t] == y[t]).sum() for t in out}
-        items = ({t: {"targets": y[t], "preds": preds[t], "probs": logits[t].softmax(1)} for t in out}
-                 if collect else None)
-        return hits, items
 
 
 @dataclass

@@ -20,7 +20,8 @@ from .metrics import expected_calibration_error, reliability
 TEXT_MAX_CLASSES = 20  # beyond this a cell is too small to hold its numbers
 
 
-def _figure(figsize):
+def new_figure(figsize):
+    """A matplotlib Figure on the Agg canvas (no pyplot state, safe in any thread or process)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -48,7 +49,7 @@ def confusion_figure(cm, class_names: Sequence[str], title: str):
     totals = cm.sum(1, keepdims=True)
     share = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
     size = min(3.0 + 0.55 * k, 20)
-    fig = _figure((size + 1.0, size))
+    fig = new_figure((size + 1.0, size))
     ax = fig.add_subplot()
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -81,7 +82,7 @@ def reliability_figure(targets, probs, bins: int, title: str):
     centers, acc, _, cnt = reliability(y, prob, bins)
     ece = expected_calibration_error(y, prob, bins)
     width = 1.0 / bins
-    fig = _figure((4.5, 5.2))
+    fig = new_figure((4.5, 5.2))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
     top.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
     filled = cnt > 0
@@ -138,7 +139,7 @@ def misclassified_figure(images: Sequence[np.ndarray], labels: Sequence[str], ti
     ncols = max(1, min(ncols, n))
     nrows = (n + ncols - 1) // ncols
     height = 1.45 * nrows + 0.8
-    fig = _figure((1.25 * ncols, height))
+    fig = new_figure((1.25 * ncols, height))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes:
         ax.axis("off")

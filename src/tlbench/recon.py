@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 from .config import is_reconstruction
 from .devices import constant
-from .figures import _figure
+from .figures import new_figure
 from .models.cae import RECON_TASK
-from .tracking import _save
+from .tracking import save_figure
 
 METRICS = ("loss", "mse", "psnr", "ssim")
 MSE_FLOOR = 1e-10
@@ -171,7 +171,7 @@ def grid(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 def grid_figure(img: torch.Tensor, title: str):
     arr = img.permute(1, 2, 0).numpy()
     h, w = arr.shape[:2]
-    fig = _figure((max(4.0, 8.0 * w / max(h, 1) / 4), 4.0))
+    fig = new_figure((max(4.0, 8.0 * w / max(h, 1) / 4), 4.0))
     ax = fig.add_subplot()
     ax.imshow(arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0.0, vmax=1.0)
     ax.set_axis_off()
@@ -201,7 +201,7 @@ def save_grid(run_dir: Path, model, objective_: Reconstruction, dataset, tracker
     target, recon = objective_.reconstruct(model, first_images(dataset).to(device))
     img = grid(target, recon)
     fig = grid_figure(img, f"{split}: inputs (top) and reconstructions (bottom), best checkpoint")
-    path = _save(fig, run_dir / "figures" / f"{prefix}reconstructions.png")
+    path = save_figure(fig, run_dir / "figures" / f"{prefix}reconstructions.png")
     if tracker:
         tracker.image("reconstruction/best", img, 0)
     return path

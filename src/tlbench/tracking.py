@@ -132,7 +132,7 @@ def write_report(run_dir: Path, task: str, targets, preds, class_names, prefix: 
     (run_dir / f"{prefix}classification_report_{task}.txt").write_text(text)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """Write one figure (PNG, 100 dpi); the one place ``figures/`` files are written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -143,7 +143,7 @@ def save_confusion(run_dir: Path, task: str, cm, class_names, tracker: Tracker |
                    split: str = "test") -> None:
     """``figures/confusion_<task>.png``: counts and row-normalized percentages (and TensorBoard)."""
     fig = confusion_figure(cm, class_names, f"{task} ({split})")
-    _save(fig, run_dir / "figures" / f"{prefix}confusion_{task}.png")
+    save_figure(fig, run_dir / "figures" / f"{prefix}confusion_{task}.png")
     if tracker:
         tracker.figure(f"confusion/{task}", fig)
 
@@ -161,7 +161,7 @@ def log_test_figures(run_dir: Path, task: str, c: dict, names, dataset, tracker,
     binary task."""
     y, prob = np.asarray(c["targets"]), np.asarray(c["probs"], dtype=np.float64)
     fig = reliability_figure(y, prob, ecfg.calibration_bins, f"{task} ({split})")
-    _save(fig, run_dir / "figures" / f"{prefix}reliability_{task}.png")
+    save_figure(fig, run_dir / "figures" / f"{prefix}reliability_{task}.png")
     if tracker:
         tracker.figure(f"reliability/{task}", fig)
     if tracker and tracker.writer and len(names) == 2:
@@ -194,7 +194,7 @@ def save_misclassified(run_dir: Path, task: str, c: dict, names, dataset, tracke
     title = (f"{task} ({split}): {len(picked)} of {wrong} misclassified images, most confident first\n"
              f"#dataset index: true → predicted, p = probability of the predicted class")
     fig = misclassified_figure(images, labels, title)
-    path = _save(fig, run_dir / "figures" / f"{prefix}misclassified_{task}.png")
+    path = save_figure(fig, run_dir / "figures" / f"{prefix}misclassified_{task}.png")
     if tracker:
         tracker.figure(f"misclassified/{task}", fig)
     return path
