@@ -24,7 +24,7 @@ from ..errors import TlbenchError, choices
 from . import stages, weights
 from ..registry import models
 from .base import Backbone, InputSpec
-from .split import has_adapter
+from .split_families import has_adapter
 
 log = logging.getLogger(__name__)
 
