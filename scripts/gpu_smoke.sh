@@ -43,7 +43,7 @@ PY
 cuda=$([ "$DEVICE" = cuda ] && echo true || echo false)
 bf16=$([ "$DEVICE" = cuda ] && echo '"bf16-mixed"' || echo '"32"')
 run default 0.9 "{\"precision\": $bf16}" -- trainer.precision=auto trainer.max_epochs=5
-run compile 0.9 "{\"compile\": true}" -- trainer.compile=true trainer.max_epochs=5
+run compile 0.9 "{\"compile\": true, \"compile_error\": null}" -- trainer.compile=true trainer.max_epochs=5
 run cnn_channels_last 0.9 "{\"channels_last\": true}" -- model=cnn trainer.channels_last=true trainer.precision=auto \
     trainer.max_epochs=5
 run prefix_cache 0.5 "{\"applied\": true}" -- model=cnn freeze=last_block trainer.cache_features=true trainer.max_epochs=5

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import results
+from conftest import compose_cfg, results
 from tlbench import speed
 from tlbench.config import Config, OptimConfig, TrainerConfig, config_hash, to_dict
 from tlbench.validation import to_config
@@ -79,20 +79,27 @@ def test_the_run_makes_a_grad_scaler_only_when_the_decision_says_so():
 
 
 def test_backend_flags_are_set_on_cuda_only():
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision,
-             torch.backends.cudnn.conv.fp32_precision)
+    """cuDNN benchmark and TF32 on CUDA only; TF32 is set so that both torch's legacy getters
+    (``allow_tf32``, ``get_float32_matmul_precision``: Inductor's autotuning reads them) and the new
+    ``fp32_precision`` settings stay readable and agree (setting ``fp32_precision`` directly makes
+    the legacy getters raise)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         s = decide(CUDA, MLP, deterministic=False)
         speed.apply(dataclasses.replace(s, device="cpu"), nn.Linear(2, 2))
         assert torch.backends.cudnn.benchmark == saved[0]  # untouched off CUDA
         speed.apply(s, nn.Linear(2, 2))
         assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
         assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "high"
         speed.apply(decide(CUDA, MLP), nn.Linear(2, 2))  # deterministic: off, IEEE fp32
         assert torch.backends.cudnn.benchmark is False and torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+        assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.backends.cudnn.benchmark = saved[0]
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved[1:]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
 
 
 def test_channels_last_converts_the_model_and_4d_batches():
@@ -121,6 +128,52 @@ def test_optimizer_implementations(monkeypatch, name):
     monkeypatch.setattr("tlbench.optim.fused_devices", lambda: ["cuda"])
     with pytest.raises(TlbenchError, match="optim.impl=fused: this torch has no fused optimizer kernels for cpu"):
         opt("fused")
+
+
+def test_fused_sgd_takes_newly_trainable_parameters(cli, tmp_path):
+    """Gradual unfreezing hands the rebuilt optimizer the trained parameters' momentum buffers;
+    the newly trainable ones have none. Fused SGD (optim.impl=auto on CUDA) cannot mix the two:
+    the buffers are filled so that the fused run trains like the loop one, also when resumed
+    in the middle."""
+    args = ("optim=sgd", "freeze=linear_probe", "freeze.gradual=1", "trainer.max_epochs=3", "trainer.batch_size=256")
+    out = {}
+    for impl in ("fused", "loop"):
+        code, rd = cli(*args, f"optim.impl={impl}", run_dir=tmp_path / impl)
+        assert code == 0, (rd / "train.log").read_text()[-1500:]
+        out[impl] = results(rd)
+    for ea, eb in zip(out["fused"]["epochs"], out["loop"]["epochs"]):
+        assert ea["train"]["loss"] == pytest.approx(eb["train"]["loss"], rel=1e-4)
+    from tlbench.engine import Interrupted
+    from tlbench.run import train
+
+    cfg = compose_cfg(*args, "optim.impl=fused", "trainer.progress=false")
+    part = tmp_path / "part"
+    with pytest.raises(Interrupted):
+        train(cfg, part, stop_after=2)
+    resumed = train(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume=str(part))), part)
+    assert resumed["epochs"][-1]["train"]["loss"] == pytest.approx(out["loop"]["epochs"][-1]["train"]["loss"], rel=1e-4)
+
+
+def test_zero_momentum_buffers_give_torchs_first_step():
+    """fill_momentum's zero buffer = torch's missing buffer (started at the gradient), also with
+    nesterov and weight decay."""
+    from tlbench.optim import fill_momentum
+
+    for nesterov in (False, True):
+        torch.manual_seed(0)
+        a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+        b.load_state_dict(a.state_dict())
+        steps = []
+        for net, fill in ((a, False), (b, True)):
+            opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+            net.weight.grad, net.bias.grad = torch.ones_like(net.weight), torch.ones_like(net.bias)
+            opt.state[net.bias]["momentum_buffer"] = torch.full_like(net.bias, 0.5)  # trained before
+            if fill:
+                fill_momentum(opt)
+                assert torch.equal(opt.state[net.weight]["momentum_buffer"], torch.zeros_like(net.weight))
+            opt.step()
+            steps.append(net.weight.detach().clone())
+        assert torch.equal(steps[0], steps[1])
 
 
 @pytest.mark.parametrize("section,key,value,message", [
@@ -216,6 +269,7 @@ def test_compile_wraps_what_the_batches_run_through(cli, monkeypatch, freeze, co
         return Compiled(net)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(speed, "compile_probe", lambda device: None)  # compile works on this machine
     code, rd = cli("trainer.max_epochs=1", "trainer.compile=true", f"freeze={freeze}", "trainer.batch_size=256")
     assert code == 0 and calls == [compiled_type]
     r = results(rd)
@@ -225,18 +279,62 @@ def test_compile_wraps_what_the_batches_run_through(cli, monkeypatch, freeze, co
 
 
 def test_a_graph_that_fails_to_compile_runs_eagerly(cli, monkeypatch):
-    """A compiler that fails (a backend error, as from a missing Triton or C++ compiler on a GPU
-    machine) costs the speed-up, never the run: the real torch.compile with a failing backend."""
+    """A model's graph that fails to compile (the compiler works, this graph does not) costs the
+    speed-up, never the run: the real torch.compile with a failing backend, TorchDynamo's
+    suppress_errors falling back to eager."""
     real, tried = torch.compile, {"n": 0}
 
     def failing_backend(gm, example_inputs):
         tried["n"] += 1
-        raise RuntimeError("no compiler here")
+        raise RuntimeError("this graph does not compile")
 
     monkeypatch.setattr(torch, "compile", lambda net, **kw: real(net, backend=failing_backend))
+    monkeypatch.setattr(speed, "compile_probe", lambda device: None)
     code, rd = cli("trainer.max_epochs=1", "trainer.compile=true", "freeze=full", "trainer.batch_size=512")
     assert code == 0 and tried["n"] >= 1
     assert results(rd)["speed"]["compile"] is True and results(rd)["test"]["label"]["accuracy"] > 0.1
+
+
+def _aot_backend(fail_forward: bool, fail_backward: bool, calls: list):
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(which: str, fail: bool):
+        def go(gm, example_inputs):
+            calls.append(which)
+            if fail:
+                raise RuntimeError(f"no {which} compiler here")
+            return gm
+        return go
+
+    return aot_autograd(fw_compiler=compiler("forward", fail_forward), bw_compiler=compiler("backward", fail_backward))
+
+
+@pytest.mark.parametrize("fail_forward,fail_backward", [(True, False), (False, True)])
+def test_a_machine_where_compile_fails_runs_eagerly_and_says_why(cli, monkeypatch, fail_forward, fail_backward):
+    """No working compiler on the machine (a missing Triton/C++ compiler): the backward graph is
+    compiled lazily inside loss.backward(), where suppress_errors does not reach, so without the
+    probe the run would end at its first step. The probe (a tiny model, forward and backward)
+    finds it; the run trains eagerly, warns, and records speed.compile=false with the error."""
+    real, calls = torch.compile, []
+    backend = _aot_backend(fail_forward, fail_backward, calls)
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: real(net, backend=backend))
+    monkeypatch.setattr(speed, "_PROBED", {})
+    code, rd = cli("trainer.max_epochs=1", "trainer.compile=true", "freeze=full", "trainer.batch_size=512")
+    assert code == 0, (rd / "train.log").read_text()[-2000:]
+    r = results(rd)
+    assert r["speed"]["compile"] is False and r["test"]["label"]["accuracy"] > 0.1
+    assert "compiler here" in r["speed"]["compile_error"]
+    assert "running eagerly" in (rd / "train.log").read_text()
+    assert calls[-1] == ("forward" if fail_forward else "backward")  # the probe met the failure, nothing after it
+
+
+def test_compile_probe_passes_where_compile_works(monkeypatch):
+    real, calls = torch.compile, []
+    backend = _aot_backend(False, False, calls)
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: real(net, backend=backend))
+    monkeypatch.setattr(speed, "_PROBED", {})
+    assert speed.compile_probe(torch.device("cpu")) is None and calls == ["forward", "backward"]
+    assert speed.compile_probe(torch.device("cpu")) is None and len(calls) == 2  # once per process
 
 
 def test_deterministic_runs_fix_the_cublas_workspace(monkeypatch):

@@ -56,6 +56,28 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **impl)
 
 
+def fill_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give SGD parameters without a momentum buffer a zero one, in groups where others have one.
+
+    Gradual unfreezing rebuilds the optimizer with the trained parameters'
+    state: the newly trainable ones have no buffer yet. Torch's fused SGD only handles a group
+    where every buffer is missing or none is (a mix fails: "expected Tensor as element 0 in
+    argument 2, but got NoneType"); the loop and foreach versions start a missing buffer at the
+    gradient. A zero buffer gives that same first step: with dampening 0 (tlbench's SGD), the
+    update ``buf = momentum * buf + grad`` is ``grad``."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if not group.get("momentum"):
+            continue
+        assert not group.get("dampening"), "zero buffers match a fresh buffer only without dampening"
+        has = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]]
+        if any(has) and not all(has):
+            for p, h in zip(group["params"], has):
+                if not h:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, max_epochs: int):
     """Return a scheduler (stepped per epoch) or ``None``."""
     if cfg.name == "none":

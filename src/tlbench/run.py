@@ -29,7 +29,7 @@ from .errors import TlbenchError
 from .evaluate import evaluate_split, report_split
 from .features import backbone_frozen, cache_features, decide
 from .freeze import gradual_unfreeze, set_bn_eval
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, fill_momentum
 from .recon import extend_hooks, objective
 from .record import (EarlyLog, RunLock, check_writable, close_log, config_diff, is_fresh, open_log, preflight,
                      write_hydra_record, write_status)
@@ -106,6 +106,7 @@ def _gradual_hook(cfg: Config):
         state.optimizer = build_optimizer(new.groups, cfg.optim)
         for p, s in old.state.items():
             state.optimizer.state[p] = s
+        fill_momentum(state.optimizer)  # fused SGD cannot mix parameters with and without a buffer
         state.scheduler = build_scheduler(state.optimizer, cfg.sched, cfg.trainer.max_epochs)
         if state.scheduler is not None and not isinstance(
                 state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -304,7 +305,7 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
         ctx.feature_cache = {"applied": False, "reason": decision.reason}
         ctx.loaders = make_loaders(bundle, cfg, ctx.device)
     if ctx.speed.compile:
-        state.net = speeds.compiled(state.runner, ctx.speed)
+        state.net, ctx.speed = speeds.compiled(state.runner, ctx.speed)
     if not main:
         hooks = FitHooks(save=lambda s, name: None, log_epoch=lambda s, rec: None, before_epoch=hooks.before_epoch,
                          train_mode=hooks.train_mode)

@@ -7,7 +7,7 @@ default is on where it helps and cannot change what is computed beyond float rou
 |---|---|
 | ``trainer.precision`` (default ``32``; ``auto`` = ``bf16-mixed`` where the GPU has bf16) | autocast; a GradScaler only for ``16-mixed`` (float16), never for bf16 |
 | ``trainer.channels_last`` | on CUDA for conv nets (more than one Conv2d: a ViT's patch embedding alone is not one) |
-| ``trainer.compile`` | on CUDA: ``torch.compile`` of what the batches run through (suffix + heads with the frozen-prefix cache, else the model) |
+| ``trainer.compile`` | on CUDA: ``torch.compile`` of what the batches run through (suffix + heads with the frozen-prefix cache, else the model); off, with ``compile_error``, where :func:`compile_probe` finds no working compiler |
 | ``optim.impl`` | ``fused`` on CUDA (Adam, AdamW, SGD), torch's default elsewhere (``optim.optimizer_impl``) |
 | ``trainer.cudnn_benchmark``, ``trainer.tf32`` | on CUDA when ``trainer.deterministic=false`` |
 
@@ -19,6 +19,7 @@ parameter that requires grad, so autograd records nothing there either.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,8 @@ from torch import nn
 from .config import Config
 from .engine import amp_dtype
 from .optim import optimizer_impl
+
+log = logging.getLogger(__name__)
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -43,6 +46,7 @@ class Speed:
     optimizer: str  # fused | foreach | loop | default (optim.optimizer_impl)
     cudnn_benchmark: bool
     tf32: bool
+    compile_error: Optional[str] = None  # why compile was asked for and is off (compile_probe failed)
 
     @property
     def dtype(self) -> Optional[torch.dtype]:
@@ -94,22 +98,64 @@ def apply(speed: Speed, model: nn.Module) -> None:
 
 
 def set_tf32(on: bool) -> None:
-    mode = "tf32" if on else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    else:  # pragma: no cover - older torch
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    """TF32 for CUDA matmuls and cuDNN convolutions. Through the ``allow_tf32`` flags: torch 2.9+
+    maps them onto the ``fp32_precision`` settings and keeps both views readable, while setting
+    ``fp32_precision`` directly makes the legacy getters (read by Inductor's autotuning and other
+    libraries) raise "mix of the legacy and new APIs"."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
 
 
-def compiled(net: nn.Module, speed: Speed) -> nn.Module:
-    """What the batches run through: ``torch.compile(net)`` when the switch is on (it shares the
-    parameters: checkpoints still save the uncompiled model). A graph that fails to compile (a
-    backend or compiler error, e.g. no working Triton or C++ compiler) runs eagerly instead of
-    ending the run: TorchDynamo's ``suppress_errors`` logs the failure and falls back."""
+_PROBED: dict[str, Optional[str]] = {}  # device type -> why compile does not work there (None: it works)
+
+
+def compile_probe(device: torch.device) -> Optional[str]:
+    """Whether ``torch.compile`` works on ``device`` at all: a tiny model compiled, run forward and
+    backward (once per process and device type). None when it works, else the error's first line.
+
+    TorchDynamo's ``suppress_errors`` (below) runs a forward graph that fails to compile eagerly,
+    but the backward graph is compiled lazily inside ``loss.backward()``, outside that net: a
+    machine without a working Triton or C++ compiler would end the run at its first step. The
+    probe turns that into a warning and an eager run, recorded as ``speed.compile_error``."""
+    from torch import _dynamo as dynamo
+
+    if device.type not in _PROBED:
+        before = dynamo.config.suppress_errors
+        dynamo.config.suppress_errors = False  # a failure must show here, not be run eagerly
+        try:
+            lin = nn.Linear(4, 3).to(device)
+            torch.compile(lin)(torch.randn(5, 4, device=device)).sin().sum().backward()
+            _PROBED[device.type] = None
+        except Exception as e:  # noqa: BLE001 -- any failure means "compile does not work here"
+            _PROBED[device.type] = _first_line(e)
+        finally:
+            dynamo.config.suppress_errors = before
+            dynamo.reset()
+    return _PROBED[device.type]
+
+
+def _first_line(e: BaseException) -> str:
+    """The innermost cause of a compile error, on one line (a backend failure wraps the error)."""
+    while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
+        e = inner
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def compiled(net: nn.Module, speed: Speed) -> tuple[nn.Module, Speed]:
+    """What the batches run through, and the switches as they end up: ``torch.compile(net)`` when
+    the switch is on and :func:`compile_probe` passes (it shares the parameters: checkpoints
+    still save the uncompiled model); else ``net`` itself, with ``compile=False`` and the probe's
+    error. A graph of ``net`` that fails to compile runs eagerly instead of ending the run:
+    TorchDynamo's ``suppress_errors`` logs the failure and falls back."""
     if not speed.compile:
-        return net
-    import torch._dynamo
+        return net, speed
+    why = compile_probe(torch.device(speed.device))
+    if why is not None:
+        log.warning("trainer.compile: torch.compile does not work on %s here (%s); running eagerly "
+                    "(results.json speed.compile_error; trainer.compile=false silences this)", speed.device, why)
+        return net, dataclasses.replace(speed, compile=False, compile_error=why)
+    from torch import _dynamo as dynamo
 
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(net)
+    dynamo.config.suppress_errors = True
+    return torch.compile(net), speed
