@@ -275,3 +275,29 @@ def test_hparams_view_holds_the_chosen_keys_and_final_metrics(cli):
     assert {"model.name", "optim.lr", "trainer.max_epochs", "seed"} <= set(hp)
     assert hp["model.name"].string_value == "mlp" and hp["optim.lr"].number_value == 0.01
     assert "hparam/test_accuracy_label" in acc.Tags()["scalars"]
+
+
+def test_checkpoint_keeps_the_cuda_rng_of_this_process_device_only(monkeypatch):
+    """On CUDA a checkpoint keeps the RNG of the run's own device: get_rng_state_all() would open
+    a context on every visible GPU from every DDP rank and could not be restored where fewer GPUs
+    are visible. Older checkpoints (a list, one per GPU) restore this device's entry; a CPU run
+    (CUDA never initialized) records none."""
+    from tlbench import checkpoint
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: calls.append("all") or [])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(("set", int(s[0]))))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: calls.append("set all"))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert "cuda_device" not in checkpoint.rng_state() and "cuda" not in checkpoint.rng_state()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    state = checkpoint.rng_state()
+    assert int(state["cuda_device"][0]) == 7 and "cuda" not in state
+    checkpoint.set_rng_state(state)
+    old = {k: v for k, v in state.items() if k != "cuda_device"}
+    checkpoint.set_rng_state({**old, "cuda": [torch.tensor([3], dtype=torch.uint8), torch.tensor([4], dtype=torch.uint8)]})
+    checkpoint.set_rng_state({**old, "cuda": [torch.tensor([3], dtype=torch.uint8)]})  # written with fewer GPUs
+    assert calls == [("set", 7), ("set", 4)]

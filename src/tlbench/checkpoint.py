@@ -39,8 +39,10 @@ def rng_state() -> dict:
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's device only: get_rng_state_all() would open a context on every visible
+        # GPU (each DDP rank on all of them) and could not be restored on a machine with fewer
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -49,8 +51,12 @@ def set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state and torch.cuda.current_device() < len(state["cuda"]):  # checkpoints before Dec 2026
+        torch.cuda.set_rng_state(state["cuda"][torch.cuda.current_device()])
 
 
 def _to_tuple(x):

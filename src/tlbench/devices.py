@@ -19,8 +19,10 @@ _CONSTANTS: dict = {}
 def to_device(values, device: torch.device) -> torch.Tensor:
     """``values`` (a list or a host tensor) as a tensor on ``device``, without a sync on CUDA."""
     t = torch.as_tensor(values)
-    if t.device == device or device.type != "cuda":
-        return t if t.device.type == device.type else t.to(device)
+    if t.device.type == device.type and device.index in (None, t.device.index):
+        return t  # there already ("cuda" means the current device: any index will do)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
