@@ -241,3 +241,26 @@ def test_every_training_fraction_shares_one_decoded_entry(monkeypatch, tmp_path)
     kept = {i: k for k, i in enumerate(full.splits["train"])}
     for j, i in enumerate(half.splits["train"]):  # the kept items' pixels are the full split's
         assert torch.equal(half.train.x[j], full.train.x[kept[i]])
+
+
+def test_splits_on_the_gpu_are_sliced_without_workers_or_pinning(monkeypatch, caplog):
+    """A split that moved to the GPU: dataset.num_workers / pin_memory are for host splits (a
+    forked worker cannot use CUDA tensors, and a CUDA tensor cannot be pinned); asked for anyway,
+    the loaders slice the split in the main process and say so."""
+    from types import SimpleNamespace
+
+    class OnGpu(TensorSplit):
+        moved = []
+
+        def to(self, device):
+            OnGpu.moved.append(str(device))
+            return self
+
+    split = lambda n: OnGpu(torch.zeros(n, 3, 4, 4), {"label": torch.arange(n) % 2}, range(n))  # noqa: E731
+    bundle = SimpleNamespace(train=split(16), val=split(8), test=split(8))
+    cfg = Config(trainer=TrainerConfig(batch_size=4), dataset=DatasetConfig(num_workers=2, pin_memory=True))
+    with caplog.at_level("INFO"):
+        loaders = make_loaders(bundle, cfg, torch.device("cuda"))
+    assert OnGpu.moved == ["cuda"] * 3
+    assert all(dl.num_workers == 0 and not dl.pin_memory for dl in loaders.values())
+    assert "without loader workers or pinning" in caplog.text

@@ -4,6 +4,7 @@ the GPU once, where they then stay)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -16,6 +17,8 @@ from .. import dist
 from ..config import Config
 from .base import DataBundle
 from .pipeline import ImageSplit
+
+log = logging.getLogger(__name__)
 
 
 def flip_mask(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -119,9 +122,14 @@ def make_loaders(bundle: DataBundle, cfg: Config, device: torch.device) -> dict[
             hasattr(ds, "nbytes") and hasattr(ds, "to") and ds.nbytes <= d.tensor_budget_gb * 2**30))
         if on_device:
             ds = ds.to(device)  # data stays on the GPU: no per-batch host->device copies
-        workers = d.num_workers if d.num_workers is not None else (
-            0 if getattr(ds, "in_memory", False) or not cuda else min(8, os.cpu_count() or 1))
-        pin = d.pin_memory if d.pin_memory is not None else (cuda and not on_device)
+            if (d.num_workers or 0) > 0 or d.pin_memory:
+                log.info("%s split is on %s: batches are slices of it, without loader workers or pinning "
+                         "(dataset.num_workers / pin_memory apply to splits on the host)", name, device)
+            workers, pin = 0, False  # a worker process cannot use CUDA tensors, nor can they be pinned
+        else:
+            workers = d.num_workers if d.num_workers is not None else (
+                0 if getattr(ds, "in_memory", False) or not cuda else min(8, os.cpu_count() or 1))
+            pin = d.pin_memory if d.pin_memory is not None else cuda
         sampler = (EpochSampler(len(ds), cfg.seed, w.rank, w.size, cfg.batch_size) if name == "train"
                    else Strided(len(ds), w.rank, w.size))
         if getattr(ds, "in_memory", False) and workers == 0:
