@@ -25,3 +25,5 @@ def test_bench_gpu_dry_run_writes_its_table_under_out(tmp_path):
     assert "| cnn 32px tensor | tensor |" in md and "| cnn 32px loader | loader |" in md
     assert (tmp_path / "out" / "runs" / "cnn_32px_tensor" / "results.json").is_file()
     assert not (tmp_path / "out" / "runs" / "cnn_32px_tensor" / "checkpoints").exists()
+    # $OUT comes back from the GPU machine: no synthetic data or feature store in it (tens of GB)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.json", "bench.md", "runs"]

@@ -170,3 +170,29 @@ def test_outputs_larger_than_the_memory_budget_are_memory_mapped(tmp_path, monke
     mapped = _train(cfg, tmp_path / "map")
     assert seen[3:] == [True] * 3
     assert _numbers(mapped) == _numbers(in_memory)
+
+
+
+def test_outputs_computed_another_way_are_stored_apart(tmp_path, monkeypatch):
+    """bf16 autocast (or a GPU) gives other prefix outputs than 32-bit on the CPU: a bf16 run does
+    not reuse a 32-bit run's entry, nor the reverse. (bf16 autocast runs on the CPU too; the run
+    is made to take it here.) The CPU 32-bit key has no such part, so entries stored before it
+    existed keep their keys."""
+    import torch
+
+    import tlbench.speed as speed
+    from tlbench.engine import LoopOptions
+    from tlbench.features import compute_key
+
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    fp32 = _train(compose_cfg(*TINY), tmp_path / "fp32")
+    monkeypatch.setattr(speed, "amp_dtype", lambda device, precision: torch.bfloat16)
+    bf16 = [_train(compose_cfg(*TINY, "trainer.precision=bf16-mixed"), tmp_path / f"bf16_{i}") for i in range(2)]
+    assert bf16[0]["speed"]["autocast"] == "bfloat16"
+    assert [fp32["feature_cache"]["reused"], bf16[0]["feature_cache"]["reused"], bf16[1]["feature_cache"]["reused"]] \
+        == [False, False, True]
+    assert fp32["feature_cache"]["store_key"] != bf16[0]["feature_cache"]["store_key"]
+    keys = [compute_key(LoopOptions(device=torch.device(d), dtype=t))
+            for d, t in (("cpu", None), ("cuda", None), ("cuda", torch.bfloat16), ("cuda", torch.float16))]
+    assert keys[0] == {} and keys[1:] == [{"compute": "cuda:float32"}, {"compute": "cuda:bfloat16"},
+                                          {"compute": "cuda:float16"}]

@@ -10,8 +10,8 @@ with the sampler's flip decision (``loaders.flip_mask``), the same decision the 
 
 The outputs live in the :class:`~tlbench.store.FeatureStore` (``trainer.feature_store``, default
 ``$TLBENCH_CACHE/features`` or ``~/.cache/tlbench/features``), keyed by the prefix's weights,
-the split point, the input transform, the dataset fingerprint + split and the dtype, so the
-jobs of a sweep (lr x seed x head) compute them once.
+the split point, the input transform, the dataset fingerprint + split, the dtype and how they
+were computed (device type, autocast), so the jobs of a sweep (lr x seed x head) compute them once.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CACHEABLE_AUGMENT = ("none", "flip")
 DTYPES = {"float16": np.float16, "float32": np.float32}
+TORCH_DTYPES = {np.float16: torch.float16, np.float32: torch.float32}  # of DTYPES
 
 
 @dataclass
@@ -95,6 +96,7 @@ class SuffixNet(nn.Module):
         self.model, self.suffix = model, suffix
 
     def forward(self, h: torch.Tensor):
+        h = h.float()  # stored as trainer.feature_dtype; batches cross to the device in that dtype
         return self.model.heads_forward(self.suffix(h) if self.suffix is not None else h)
 
 
@@ -129,7 +131,7 @@ class FeatureSplit(Dataset):
                 if any(flips):  # decided on the host: no device sync
                     flip = to_device(flips, self.h.device)
                     h[flip] = self.h_flip[idx[flip]]
-            return h.float(), {t: y[idx] for t, y in self.labels.items()}
+            return h, {t: y[idx] for t, y in self.labels.items()}  # as stored: SuffixNet makes it float
         i, flip = unpack(item)
         src = self.h_flip if (flip and self.h_flip is not None) else self.h
         return src[i].float(), {t: y[i] for t, y in self.labels.items()}
@@ -151,7 +153,8 @@ def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: Cach
     base = {"weights": tensor_digest(weights), "split": decision.split_block, "model": cfg.model.name,
             "arch": cfg.model.arch, "transform": repr(bundle.eval_transform), "input": repr(model.backbone.input_spec),
             "fingerprint": bundle.fingerprint, "dtype": dtype,
-            **({"pipeline": "tensor"} if (bundle.pipeline or {}).get("mode") == "tensor" else {})}
+            **({"pipeline": "tensor"} if (bundle.pipeline or {}).get("mode") == "tensor" else {}),
+            **compute_key(opts)}
     store, cached, reused = open_store(cfg.trainer.feature_store), copy.copy(bundle), []
     flips = cfg.dataset.augment == "flip"
     for name in ("train", "val", "test"):
@@ -182,6 +185,15 @@ def cache_features(cfg: Config, bundle, model, opts: LoopOptions, decision: Cach
              "reused from the feature store" if all(reused) else "computed once", seconds,
              "the suffix and the head(s)" if suffix is not None else "the head(s)")
     return cached, SuffixNet(model, suffix), record
+
+
+def compute_key(opts: LoopOptions) -> dict:
+    """How the prefix outputs were computed, as far as it changes them: bf16/fp16 autocast, or a GPU
+    (other kernels, TF32) give other numbers than 32-bit on a CPU, so their entries are apart.
+    Empty for 32-bit on a CPU, which keeps the keys of the entries stored before this part."""
+    if opts.device.type == "cpu" and opts.dtype is None:
+        return {}
+    return {"compute": f"{opts.device.type}:{str(opts.dtype or torch.float32).removeprefix('torch.')}"}
 
 
 def _n_items(cfg: Config, name: str, n: int) -> int:
@@ -242,7 +254,7 @@ def _prefix_pass(prefix, ds, n: int, cfg: Config, opts: LoopOptions, dtype, path
                               desc=f"frozen prefix ({n} images)", unit="batch"):
             with autocast(opts):
                 h = prefix(batch_to(x, opts))
-            h = h.float().cpu().numpy().astype(dtype)
+            h = h.to(TORCH_DTYPES[dtype]).cpu().numpy()  # converted on the device: half the bytes to copy
             if path is None:
                 out.append(h)
                 continue
