@@ -135,3 +135,95 @@ def test_batch_indices_reach_a_cuda_device_without_a_sync(monkeypatch):
     assert calls == [] and t.tolist() == [3, 1, 2]
     a = devices.constant((0.5, 0.25), torch.device("cpu"), (1, -1, 1, 1))
     assert a is devices.constant((0.5, 0.25), torch.device("cpu"), (1, -1, 1, 1)) and a.shape == (1, 2, 1, 1)
+
+
+# ----------------------------------------------------------------------------- at the dispatcher
+class SyncOps:
+    """Records the aten ops that make a CUDA device sync with the host: a tensor -> Python scalar
+    (``_local_scalar_dense``), ``nonzero``/``masked_select``/``unique`` (their output size depends
+    on the data), and indexing or index-assignment with a boolean mask (a hidden ``nonzero``).
+    Seen at the dispatcher, so it works on the CPU, below the Python conversions counted above."""
+
+    SIZE_DEPENDENT = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim")
+    INDEXING = ("index", "index_put", "index_put_", "_index_put_impl_")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in SyncOps.SIZE_DEPENDENT or (name in SyncOps.INDEXING and any(
+                        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))):
+                    ops.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_the_sync_detector_sees_hidden_syncs():
+    x, mask = torch.randn(6, 2), torch.tensor([True, False] * 3)
+    with SyncOps() as s:
+        x[mask] = 0.0
+        _ = x[mask], float(x.sum())
+        torch.where(mask.view(-1, 1), x, -x)  # the sync-free way
+    assert s.ops == ["index_put_", "index", "_local_scalar_dense"]
+
+
+def test_a_batch_of_stored_prefix_outputs_with_flips_needs_no_sync():
+    """FeatureSplit: a batch (indices and the sampler's flip decisions, both from the host) picks
+    each item's output or its mirror's without a device sync, and the right one."""
+    from tlbench.features import FeatureSplit
+
+    h, hf = torch.randn(10, 4, 3), torch.randn(10, 4, 3)
+    split = FeatureSplit(h.numpy(), hf.numpy(), {"label": torch.arange(10)}, range(10))
+    reqs, flips = [7, 2, 5, 0], [True, False, True, False]
+    with SyncOps() as s:
+        got, labels = split[list(zip(reqs, flips))]
+    assert s.ops == []
+    want = torch.stack([(hf if f else h)[i] for i, f in zip(reqs, flips)])
+    assert torch.equal(got, want) and labels["label"].tolist() == reqs
+
+
+def test_a_tensor_path_batch_needs_no_sync(monkeypatch):
+    """ImageSplit + BatchTransform: slicing, flips, resize, random crop and normalization of a
+    training batch on the device without a sync."""
+    import numpy as np
+
+    from tlbench.config import DatasetConfig
+    from tlbench.data import build_data
+    from tlbench.data.base import Source
+    from tlbench.models.base import InputSpec
+
+    rng = np.random.default_rng(0)
+    src = Source(tasks={"label": list("ab")}, labels={"label": np.arange(20) % 2},
+                 images=rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8), default_task="label")
+    monkeypatch.setattr("tlbench.data.load_source", lambda cfg: src)
+    bundle = build_data(DatasetConfig(pipeline="tensor", augment="flip_crop", val_fraction=0.2, test_fraction=0.2),
+                        InputSpec(size=24, channels=3))
+    with SyncOps() as s:
+        x, y = bundle.train[[(i, i % 2 == 0) for i in range(6)]]
+    assert s.ops == [] and x.shape == (6, 3, 24, 24)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_an_epoch_has_a_constant_number_of_sync_ops(train):
+    """The same O(1)-per-epoch guarantee seen at the dispatcher (hidden syncs included)."""
+    torch.manual_seed(0)
+    model = DictModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if train else None
+    per_epoch = []
+    for n_batches in (5, 40):
+        with SyncOps() as s:
+            run_epoch(model, _loader(n_batches), ["label"], LoopOptions(device=torch.device("cpu")), optimizer=opt)
+        per_epoch.append(len(s.ops))
+    assert per_epoch[0] == per_epoch[1] <= 3, per_epoch

@@ -128,9 +128,9 @@ class FeatureSplit(Dataset):
             h = self.h[idx]
             if self.h_flip is not None:
                 flips = [bool(f) for _, f in reqs]
-                if any(flips):  # decided on the host: no device sync
-                    flip = to_device(flips, self.h.device)
-                    h[flip] = self.h_flip[idx[flip]]
+                if any(flips):  # decided on the host; torch.where, as a boolean index would sync the device
+                    flip = to_device(flips, self.h.device).view(-1, *([1] * (h.dim() - 1)))
+                    h = torch.where(flip, self.h_flip[idx], h)
             return h, {t: y[idx] for t, y in self.labels.items()}  # as stored: SuffixNet makes it float
         i, flip = unpack(item)
         src = self.h_flip if (flip and self.h_flip is not None) else self.h
