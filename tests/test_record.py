@@ -351,3 +351,55 @@ def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path):
     a, b = results(ref), results(run)
     assert [e["val"] for e in a["epochs"]] == [e["val"] for e in b["epochs"]], f"delay {delay:.2f}s"
     assert a["test"] == b["test"] and status(run)["state"] == "finished"
+
+
+# ----------------------------------------------------------------------------- signals outside the epochs
+@pytest.mark.parametrize("where,sig", [("test", signal.SIGTERM), ("test", signal.SIGINT),
+                                       ("prefix", signal.SIGINT), ("results", signal.SIGTERM)])
+def test_a_signal_outside_the_epochs_is_recorded_and_resumable(tmp_path, monkeypatch, capsys, where, sig):
+    """SIGINT/SIGTERM in the frozen-prefix pass or the final evaluation: the run stops with
+    status 'interrupted' and the resume command, exit 128 + signal (SIGTERM had killed the process
+    with status.json left at 'running'; SIGINT had ended as 'failed' with a traceback), and the
+    resume ends at the uninterrupted run's numbers. While results.json is written a signal
+    waits: the run finishes (exit 0, status 'finished')."""
+    import tlbench.features as features
+    import tlbench.run as run
+
+    args = [*SHORT, "model=cnn", "freeze=last_block", "trainer.progress=false", "trainer.feature_store=null"]
+    assert main([*args, f"hydra.run.dir={tmp_path / 'whole'}"]) == 0
+    rd, fired = tmp_path / "run", []
+
+    def fire():
+        if not fired:
+            fired.append(1)
+            os.kill(os.getpid(), sig)
+
+    if where == "prefix":
+        real = features._prefix_pass
+        monkeypatch.setattr(features, "_prefix_pass", lambda *a, **k: fire() or real(*a, **k))
+    elif where == "test":
+        real = run.evaluate_split
+        monkeypatch.setattr(run, "evaluate_split", lambda net, loader, *a, **k: (
+            fire() if loader is loaders_seen[-1] else None) or real(net, loader, *a, **k))
+        loaders_seen = []
+        real_make = run.make_loaders
+        monkeypatch.setattr(run, "make_loaders", lambda *a, **k: loaders_seen.append(
+            (out := real_make(*a, **k))["test"]) or out)
+    else:
+        real_write = run.write_json
+        monkeypatch.setattr(run, "write_json", lambda path, obj: (
+            fire() if path.name == "results.json" else None) or real_write(path, obj))
+    code = main([*args, f"hydra.run.dir={rd}"])
+    if where == "results":
+        assert code == 0 and status(rd)["state"] == "finished" and fired
+        assert "nothing is lost" in (rd / "train.log").read_text()
+        return
+    assert code == 128 + sig and fired
+    st = status(rd)
+    assert st["state"] == "interrupted" and f"trainer.resume={rd}" in st["message"], st
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (rd / "results.json").exists()
+    monkeypatch.undo()
+    assert main([f"trainer.resume={rd}"]) == 0 and status(rd)["state"] == "finished"
+    a, b = results(rd), results(tmp_path / "whole")
+    assert a["test"] == b["test"] and a["val"] == b["val"]

@@ -286,6 +286,48 @@ class SignalGuard:
         return False
 
 
+class RunSignals:
+    """SIGINT/SIGTERM for the whole of a started run. Outside the epochs (the frozen-prefix pass,
+    the final evaluation) a signal stops the run at once: ``Interrupted`` is raised where the
+    process is, since nothing there needs a step boundary (``last.pt`` is the resume point, and
+    ``status.json`` says ``interrupted`` with the resume command, as after a stop in an epoch).
+    Without it, SIGINT ended as a failure with a traceback and SIGTERM killed the process with
+    ``status.json`` left at ``running``. During the epochs ``fit``'s :class:`SignalGuard` takes
+    over (it stops after the batch). From :meth:`finishing` on (results.json is being written)
+    a signal is only noted: the run completes and says so."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._finishing = False
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self._finishing:
+            self.received = signum
+            log.warning("signal %d received while the results are written: finishing them first", signum)
+            return
+        if self.received is not None:  # a second signal while the first unwinds
+            sys.exit(128 + signum)
+        self.received = signum
+        raise Interrupted(signum)
+
+    def finishing(self) -> None:
+        self._finishing = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
 @dataclass
 class TrainState:
     """Everything that changes during training (and goes into a checkpoint)."""

@@ -24,7 +24,7 @@ from .checkpoint import load as load_checkpoint
 from .checkpoint import save_atomic
 from .config import Config, config_hash, to_dict
 from .data.loaders import make_loaders
-from .engine import Diverged, FitHooks, Interrupted, LoopOptions, TrainState, fit, select_device
+from .engine import Diverged, FitHooks, Interrupted, LoopOptions, RunSignals, TrainState, fit, select_device
 from .errors import TlbenchError
 from .evaluate import evaluate_split, report_split
 from .features import backbone_frozen, cache_features, decide
@@ -216,6 +216,7 @@ class _Ctx:
     decision: object = None  # features.CacheDecision
     speed: Optional[speeds.Speed] = None  # the CUDA switches in force (speed.py)
     sync_bn: bool = False  # DDP: BatchNorm layers converted to SyncBatchNorm (dist.sync_batchnorm)
+    signals: Optional[RunSignals] = None  # rank 0's signal handling while the run is started
 
 
 def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
@@ -251,7 +252,8 @@ def _run(cfg: Config, run_dir: Path, ctx: _Ctx, record: Optional[dict[str, str]]
         write_hydra_record(run_dir, record)
     write_status(run_dir, "running", "resumed" if ctx.resuming else "started", state.epoch, state.step)
     try:
-        results = _train(cfg, run_dir, ctx)
+        with RunSignals() as ctx.signals:
+            results = _train(cfg, run_dir, ctx)
     except Interrupted as e:
         write_status(run_dir, "interrupted", f"{e}; resume with: tlbench trainer.resume={run_dir}",
                      state.epoch, state.step)
@@ -273,6 +275,9 @@ def _run(cfg: Config, run_dir: Path, ctx: _Ctx, record: Optional[dict[str, str]]
         if ctx.tracker is not None:
             ctx.tracker.close()
     write_status(run_dir, "finished", "", state.epoch, state.step)
+    if ctx.signals.received is not None:
+        log.warning("signal %d arrived while the results were written; the run finished and nothing is lost",
+                    ctx.signals.received)
     return results
 
 
@@ -393,6 +398,8 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
                  "val_s_per_epoch": float(np.mean([h["val_seconds"] for h in hist])) if hist else None},
         "epochs": hist, "val": val, "test": test, **results_fields(state.model, bundle),
     }
+    if ctx.signals is not None:
+        ctx.signals.finishing()  # from here on a signal waits: results.json and status.json stay in step
     write_json(run_dir / "results.json", results)
     _final_scalars(cfg, results, tracker, run_dir, ("val",) if ctx.sweeping else ("val", "test"))
     return results
