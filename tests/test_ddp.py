@@ -313,3 +313,17 @@ def test_the_frozen_prefix_pass_is_split_across_ranks(tmp_path):
         assert [e["train"]["loss"] for e in r["epochs"]] == pytest.approx([e["train"]["loss"] for e in a["epochs"]],
                                                                           rel=1e-5)
         assert r["test"]["label"]["accuracy"] == a["test"]["label"]["accuracy"]
+
+
+def test_the_best_epoch_is_chosen_on_the_model_rank_0_saves(tmp_path):
+    """BatchNorm on 2 CPU processes (no SyncBatchNorm): each rank's last training forward updates
+    its own running statistics. Validation runs on rank 0's (the saved model's), so the best
+    epoch's logged validation numbers are the ones best.pt gives in the final evaluation."""
+    rd = tmp_path / "bn"
+    out = _run([*TORCHRUN, "model=cnn", "trainer.max_epochs=2", "trainer.batch_size=32", "trainer.device=cpu",
+                "trainer.progress=false", "trainer.num_threads=1", f"hydra.run.dir={rd}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = results(rd)
+    best = r["epochs"][r["best_epoch"] - 1]["val"]
+    assert best["accuracy"]["label"] == r["val"]["label"]["accuracy"]
+    assert best["loss"] == pytest.approx(r["val"]["label"]["loss"], rel=1e-5)

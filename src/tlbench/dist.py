@@ -123,6 +123,16 @@ def all_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts them before
+    each training forward, but each rank's last forward updates its own copy from its own part of
+    the batch: validated as they are, the ranks would score models that differ from the one rank 0
+    saves, and the best epoch would be picked on numbers ``best.pt`` does not give."""
+    if _WORLD.size > 1:
+        for b in module.buffers():
+            tdist.broadcast(b, src=0)
+
+
 def broadcast(obj: Any = None) -> Any:
     """Rank 0's ``obj`` on every rank (a no-op for one process)."""
     if _WORLD.size == 1:

@@ -408,6 +408,7 @@ def fit(state: TrainState, loaders: dict, tasks: list[str], opts: LoopOptions, t
             _check_divergence(state, train, tcfg, epoch)
             state.step += train.steps
             state.model.eval()
+            dist.broadcast_buffers(state.model)  # validate the model rank 0 saves
             val = run_epoch(state.runner, loaders["val"], tasks, opts, limit=tcfg.limit_eval_batches,
                             desc=f"epoch {epoch + 1} val", collect=True)
             step_scheduler(state.scheduler, val.loss)
