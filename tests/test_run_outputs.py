@@ -4,6 +4,8 @@ predictions files for the final table."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import compose_cfg
@@ -124,3 +126,21 @@ def test_training_loss_per_step_in_tensorboard(tmp_path):
     total = sum(-(-e["train"]["n"] // 64) for e in res["epochs"])
     assert steps == list(range(5, total + 1, 5))
     assert all(v.value > 0 for v in acc.Scalars("loss/train_step"))
+
+
+def test_a_limited_evaluation_says_so(cli, capsys):
+    """trainer.limit_eval_batches (a smoke setting) scores the first items of val and test only:
+    results.json eval_limit says how many of how many, the summary line and the log say it, and
+    the metrics are those of exactly those items; without it eval_limit is null."""
+    code, rd = cli("trainer.max_epochs=1", "trainer.batch_size=64", "trainer.limit_eval_batches=1")
+    assert code == 0
+    r = json.loads((rd / "results.json").read_text())
+    splits = json.loads((rd / "splits.json").read_text())
+    assert r["eval_limit"] == {"trainer.limit_eval_batches": 1, "val": {"n": 64, "of": len(splits["val"])},
+                               "test": {"n": 64, "of": len(splits["test"])}}
+    assert r["test"]["label"]["n"] == 64
+    out = capsys.readouterr().out
+    assert f"on 64 of {len(splits['test'])} test items (trainer.limit_eval_batches=1)" in out
+    assert "limit_eval_batches=1: validation and the final test score only the first 64" in (rd / "train.log").read_text()
+    code, rd2 = cli("trainer.max_epochs=1", run_dir=rd.parent / "whole")
+    assert code == 0 and json.loads((rd2 / "results.json").read_text())["eval_limit"] is None

@@ -177,6 +177,10 @@ def run_summary_lines(run_dir, results: dict, sweeping: bool = False, sweep_dir=
         if (Path(where) / "tb").is_dir():
             lines.append(f"runs by their overrides: tensorboard --logdir {Path(where) / 'tb'}")
         return lines
+    limited = (results.get("eval_limit") or {}).get("test")
+    if limited:  # trainer.limit_eval_batches: not the test split's metrics
+        values += (f" on {limited['n']:,} of {limited['of']:,} test items "
+                   f"(trainer.limit_eval_batches={results['eval_limit']['trainer.limit_eval_batches']})")
     lines = [f"test {name}: {values} (best epoch {results.get('best_epoch')}, {params})",
              f"run directory: {run_dir}"]
     return lines + ([f"inspect with:  tensorboard --logdir {run_dir / 'tb'}"] if (run_dir / "tb").is_dir() else [])

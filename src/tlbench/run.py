@@ -292,6 +292,10 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
     elif main:
         hooks.save(state, "last.pt")  # an interrupted first epoch still leaves a resumable start
         _log_batch_grid(bundle, ctx.tracker)
+    if cfg.trainer.limit_eval_batches:
+        log.warning("trainer.limit_eval_batches=%d: validation and the final test score only the first %d items of each "
+                    "split (a smoke setting); results.json eval_limit says how many", cfg.trainer.limit_eval_batches,
+                    cfg.trainer.limit_eval_batches * cfg.batch_size)
     log.info("model: %d parameters, %d trainable; device %s%s", state.plan.total, state.plan.trainable_count,
              ctx.device, f" x {dist.world().size} processes" if dist.world().size > 1 else "")
     ctx.opts = LoopOptions(device=ctx.device, dtype=ctx.speed.dtype, channels_last=ctx.speed.channels_last,
@@ -397,12 +401,27 @@ def finish(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
                  "train_s_per_epoch": float(np.mean([h["train_seconds"] for h in hist])) if hist else None,
                  "val_s_per_epoch": float(np.mean([h["val_seconds"] for h in hist])) if hist else None},
         "epochs": hist, "val": val, "test": test, **results_fields(state.model, bundle),
+        "eval_limit": _eval_limit(cfg, bundle, {"val": val, "test": test}),
     }
     if ctx.signals is not None:
         ctx.signals.finishing()  # from here on a signal waits: results.json and status.json stay in step
     write_json(run_dir / "results.json", results)
     _final_scalars(cfg, results, tracker, run_dir, ("val",) if ctx.sweeping else ("val", "test"))
     return results
+
+
+def _eval_limit(cfg: Config, bundle, scored: dict) -> Optional[dict]:
+    """``trainer.limit_eval_batches``: how many items of each split the final metrics are over
+    (``None``: the whole splits). A smoke setting, said loudly: these are not the test split's
+    metrics, and ``compare`` and the summary say so."""
+    lim = cfg.trainer.limit_eval_batches
+    if not lim:
+        return None
+    out = {"trainer.limit_eval_batches": lim}
+    for split, metrics in scored.items():
+        n = max((m.get("n", 0) for m in metrics.values()), default=0)
+        out[split] = {"n": int(n), "of": len(getattr(bundle, split))}
+    return out
 
 
 def decision_applied(ctx: _Ctx) -> bool:
