@@ -35,7 +35,8 @@ run's file contract (results.json, predictions/, reports, figures). The metrics 
 under the split's name.
   split=test|val|train   one of the run's own splits (default test)
   split=all              every item of dataset.root (e.g. a held-out folder with the same classes)
-  name=NAME              the output folder eval_NAME (default: the split)
+  name=NAME              the output folder eval_NAME (default: the split); letters, digits,
+                         '_', '-', '.', no '/' and no '..'
   dataset.KEY=VALUE      dataset settings to change, e.g. dataset.root=/data/held_out
 
 example: tlbench eval outputs/2026-11-30/12-00-00 dataset.root=/data/held_out split=all name=held_out""",

@@ -4,6 +4,7 @@ figures; and ``tlbench eval RUN_DIR`` (re-evaluate a saved checkpoint, also on a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -67,6 +68,33 @@ def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, pr
     return out
 
 
+NAME_RULE = ("a plain folder-name part: letters, digits, '_', '-' and '.', at most 100 characters, "
+             "no '/' and no '..'")
+
+
+def check_name(name: Optional[str]) -> None:
+    """``name=`` of ``tlbench eval``: a part of the folder name ``eval_<name>``, never a path."""
+    if name is None:
+        return
+    if not (re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name) and ".." not in name):
+        raise TlbenchError(f"name={name!r} is not valid: the evaluation goes to RUN_DIR/eval_<name>, so name must be "
+                           f"{NAME_RULE}; e.g. name=held_out")
+
+
+def eval_dir(run_dir: Path, split: str, name: Optional[str]) -> Path:
+    """``run_dir/eval_<name or split>``: a folder of its own directly inside the run directory, never one
+    of the run's own files or folders (results.json, predictions/, checkpoints/, ...) nor a link out."""
+    check_name(name)
+    run_dir = Path(run_dir)
+    out = run_dir / f"eval_{split if name is None else name}"
+    if out.is_symlink() or out.resolve().parent != run_dir.resolve() or not out.resolve().name.startswith("eval_"):
+        raise TlbenchError(f"{out} is not a folder of its own inside {run_dir} (a link?); tlbench eval writes only "
+                           f"into RUN_DIR/eval_<name>/: remove {out} or choose another name=")
+    if out.exists() and not out.is_dir():
+        raise TlbenchError(f"{out} exists and is not a folder; remove it or choose another name=")
+    return out
+
+
 def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optional[str] = None) -> Path:
     """Re-evaluate a run's best checkpoint on one split (optionally of another dataset root
     with the same classes) into ``run_dir/eval_<name>/`` with the same file contract."""
@@ -75,6 +103,7 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     if split not in ("train", "val", "test", "all"):
         raise TlbenchError(f"split={split!r} is not valid; choose one of 'train', 'val', 'test', 'all'")
     run_dir = Path(run_dir)
+    out = eval_dir(run_dir, split, name)  # a bad name= fails before anything is read or written
     ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     saved = ckpt["config"]
     ds = from_dict(DatasetConfig, {**saved["dataset"], **dataset_updates}, "dataset")
@@ -93,7 +122,7 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     model.load_state_dict(ckpt["model"])
     device = select_device(cfg.trainer.device)
     # only now, with the data and model built, is anything written into the run directory
-    out = run_dir / f"eval_{name or split}"
+    out = eval_dir(run_dir, split, name)  # again: the folder may have changed while the data was read
     out.mkdir(parents=True, exist_ok=True)
     open_log(out, "eval.log")
     try:

@@ -1,0 +1,99 @@
+"""``tlbench eval RUN_DIR``: where it writes (only ``RUN_DIR/eval_<name>/``, never the run's own
+record, never outside), what its ``eval.log`` holds, and what its folder holds (README: the numbers
+in its ``results.json`` are recomputed from its ``predictions/``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # conftest, whatever pytest's import mode
+
+from tlbench import evaluate  # noqa: E402
+from tlbench.errors import TlbenchError  # noqa: E402
+
+TINY = ("trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.batch_size=64")
+
+
+def _cli(*argv: str) -> int:
+    from tlbench.cli import main
+
+    try:
+        return main(list(argv))
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished 1-epoch run on the embedded digits (read-only: tests copy it)."""
+    rd = tmp_path_factory.mktemp("finished") / "run"
+    assert _cli(*TINY, f"hydra.run.dir={rd}", "trainer.progress=false") == 0
+    return rd
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    """A copy of the finished run at ``tmp_path/runs/run`` (``tmp_path/runs`` holds nothing else)."""
+    return Path(shutil.copytree(finished, tmp_path / "runs" / "run"))
+
+
+def _snapshot(root: Path) -> dict:
+    """Every path under ``root`` (links not followed) -> its bytes (None for a folder or link)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            out[str(p.relative_to(root))] = p.read_bytes() if p.is_file() and not p.is_symlink() else None
+    return out
+
+
+# ----------------------------------------------------------------------------- where eval writes
+@pytest.mark.parametrize("name", ["../..", "../../escape", "..", "a/b", "", "/tmp/x", "x..y", "sp ace"])
+def test_name_must_be_a_plain_folder_name_part(run, capsys, name):
+    """``name=../..`` overwrote the run's results.json and predictions; ``name=../../escape`` wrote
+    next to the run. Any name that is not a plain folder-name part is exit 2, the rule stated, and
+    nothing anywhere is written."""
+    root = run.parent
+    before = _snapshot(root)
+    assert _cli("eval", str(run), "split=train", f"name={name}") == 2
+    err = capsys.readouterr().err
+    assert f"name={name!r} is not valid" in err and "letters, digits" in err and "no '..'" in err
+    assert "Traceback" not in err
+    assert _snapshot(root) == before
+
+
+def test_plain_names_work(run):
+    assert evaluate.eval_dir(run, "test", "held-out_2.v1") == run / "eval_held-out_2.v1"
+    assert evaluate.eval_dir(run, "val", None) == run / "eval_val"
+
+
+@pytest.mark.parametrize("name", ["../..", "../../escape", "../checkpoints", "x/../../results.json"])
+def test_eval_never_writes_outside_its_folder_whatever_the_name(run, monkeypatch, name):
+    """Defence in depth: with the name rule switched off, the folder check alone still refuses
+    every name that would land on the run's own files or outside the run directory."""
+    monkeypatch.setattr(evaluate, "check_name", lambda name: None)
+    root = run.parent
+    before = _snapshot(root)
+    with pytest.raises(TlbenchError, match="not a folder of its own"):
+        evaluate.evaluate_run(run, "train", {}, name)
+    assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize("target", ["run", "outside"])
+def test_eval_does_not_follow_a_link(run, capsys, target):
+    """``eval_<name>`` that is a link (to the run itself, or elsewhere) is refused, not written through."""
+    outside = run.parent / "outside"
+    outside.mkdir()
+    (run / "eval_link").symlink_to(run if target == "run" else outside, target_is_directory=True)
+    before = _snapshot(run.parent)
+    assert _cli("eval", str(run), "name=link") == 2
+    err = capsys.readouterr().err
+    assert "not a folder of its own" in err and "Traceback" not in err
+    assert _snapshot(run.parent) == before
