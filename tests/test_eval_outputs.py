@@ -97,3 +97,36 @@ def test_eval_does_not_follow_a_link(run, capsys, target):
     err = capsys.readouterr().err
     assert "not a folder of its own" in err and "Traceback" not in err
     assert _snapshot(run.parent) == before
+
+
+# ----------------------------------------------------------------------------- eval.log
+def test_eval_log_holds_what_eval_did(run, capsys):
+    """eval.log was always empty (opened after everything that logs). It holds what was evaluated,
+    the checkpoint, the data and the metrics the console printed; a second evaluation into the same
+    folder replaces it (the log of the evaluation the folder holds)."""
+    for _ in range(2):
+        assert _cli("eval", str(run), "split=val", "name=v") == 0
+    printed = capsys.readouterr().out.splitlines()
+    out = run / "eval_v"
+    text = (out / "eval.log").read_text()
+    res = json.loads((out / "results.json").read_text())
+    m = res["val"]["label"]
+    config_hash = (run / "config_hash").read_text().strip()
+    assert text.count("tlbench eval ") == 1, "the log of one evaluation, not appended to an earlier one"
+    for needle in (f"tlbench eval {run}: split=val into {out}",
+                   f"checkpoint {run / 'checkpoints' / 'best.pt'}: epoch {res['checkpoint_epoch']}, "
+                   f"config_hash {config_hash}",
+                   "data: sklearn_digits",
+                   f"val split: {m['n']} items",  # the data's own lines, logged before the folder existed
+                   f"evaluating val: {m['n']} items (dataset_fingerprint {res['dataset_fingerprint']})",
+                   f"val metrics ({m['n']} items):",
+                   f"label: accuracy {m['accuracy']:.4f}"):
+        assert needle in text, needle
+    metric_lines = [ln for ln in printed if ln.startswith("  label: ")]
+    assert metric_lines and all(ln in text for ln in metric_lines)  # what the console printed
+    assert "results.json" in text.splitlines()[-1] and "predictions/label.csv" in text.splitlines()[-1]
+
+
+def test_a_refused_eval_leaves_no_log(run, capsys):
+    assert _cli("eval", str(run), "dataset.val_fraction=2") == 2
+    assert not list(run.glob("eval_*"))
