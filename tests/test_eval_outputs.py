@@ -130,3 +130,24 @@ def test_eval_log_holds_what_eval_did(run, capsys):
 def test_a_refused_eval_leaves_no_log(run, capsys):
     assert _cli("eval", str(run), "dataset.val_fraction=2") == 2
     assert not list(run.glob("eval_*"))
+
+
+# ----------------------------------------------------------------------------- what the folder holds
+def test_eval_folder_holds_what_the_readme_says(run):
+    """README (``tlbench eval``): one split's metrics under its name and nothing made up for the
+    others; the numbers recompute from the folder's own predictions."""
+    assert _cli("eval", str(run), "split=val", "name=v") == 0
+    out = run / "eval_v"
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"run_dir", "split", "dataset", "dataset_fingerprint", "checkpoint_epoch", "params", "val"}
+    assert res["split"] == "val" and res["run_dir"] == str(run)
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {"results.json", "predictions/label.csv", "classification_report_label.txt", "splits.json", "eval.log",
+            "figures/confusion_label.png", "figures/reliability_label.png"} <= files
+    assert not any(f.startswith(("checkpoints/", "tb/")) or f == "metrics.csv" for f in files)
+    with open(out / "predictions" / "label.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    m = res["val"]["label"]
+    assert m["n"] == len(rows)
+    assert m["accuracy"] == pytest.approx(sum(r["target"] == r["pred"] for r in rows) / len(rows), abs=1e-12)
+    assert [int(r["index"]) for r in rows] == json.loads((out / "splits.json").read_text())["val"]
