@@ -176,11 +176,44 @@ def test_fingerprint_and_params_warnings(tmp_path):
     assert rows[0].trainable == pytest.approx(110)
 
 
-def test_same_config_twice_is_flagged(tmp_path):
-    make_run(tmp_path, "a", config_hash="h1")
-    make_run(tmp_path, "copy_of_a", config_hash="h1")
+def test_same_config_and_seed_counts_once(tmp_path):
+    """A run copied (or re-run) into another folder is the same (config, seed): it was counted as a
+    third seed (n=3, a std and CI that shrink for nothing). Each (config, seed) counts once, the left-out
+    run named with the one it repeats."""
+    make_run(tmp_path, "a", seed=0, acc=0.8, config_hash="h0")
+    make_run(tmp_path, "b", seed=1, acc=0.9, config_hash="h1")
+    make_run(tmp_path, "copy_of_a", seed=0, acc=0.8, config_hash="h0")
+    make_run(tmp_path, "rerun_of_a", seed=0, acc=0.8, config_hash="h0")
     (row,) = aggregate(collect_runs([tmp_path, tmp_path / "a"])[0])  # the same dir twice counts once
-    assert row.n == 2 and any("repeat a config" in w and "h1" in w for w in row.warnings)
+    assert row.n == 2 and row.runs == [tmp_path / "a", tmp_path / "b"]
+    assert row.mean == pytest.approx(0.85) and row.std == pytest.approx(math.sqrt(0.005))
+    assert row.ci95 == pytest.approx(T975[1] * 0.05) and row.stats[0].values == [0.8, 0.9]
+    assert row.left_out == [tmp_path / "copy_of_a", tmp_path / "rerun_of_a"]
+    (w,) = [w for w in row.warnings if "left out" in w]
+    assert "2 run(s) left out: each repeats a config and seed already counted" in w
+    assert f"{tmp_path / 'copy_of_a'} (repeats {tmp_path / 'a'}, config_hash h0)" in w
+    assert f"{tmp_path / 'rerun_of_a'} (repeats {tmp_path / 'a'}, config_hash h0)" in w
+    assert "2 runs in 1 group (2 repeated runs left out)" in render([row], "md")
+
+
+def test_same_config_on_other_data_is_not_a_repeat(tmp_path):
+    """The same config_hash on data with another fingerprint is another measurement (flagged as such)."""
+    make_run(tmp_path, "a", acc=0.8, config_hash="h0", fingerprint="fp1")
+    make_run(tmp_path, "b", acc=0.9, config_hash="h0", fingerprint="fp2")
+    (row,) = aggregate(collect_runs([tmp_path])[0])
+    assert row.n == 2 and not row.left_out
+    assert any("different data" in w for w in row.warnings) and not any("left out:" in w for w in row.warnings)
+
+
+def test_compare_command_says_which_repeats_it_left_out(tmp_path, capsys):
+    make_run(tmp_path, "a", seed=0, acc=0.8, config_hash="h0")
+    make_run(tmp_path, "b", seed=1, acc=0.9, config_hash="h1")
+    make_run(tmp_path, "c", seed=0, acc=0.8, config_hash="h0")
+    assert compare_main([str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    (row,) = list(csv.DictReader(io.StringIO(out)))
+    assert row["n"] == "2"
+    assert "1 run(s) left out" in err and f"{tmp_path / 'c'} (repeats {tmp_path / 'a'}" in err
 
 
 # ----------------------------------------------------------------------------- formats

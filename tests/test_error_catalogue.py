@@ -208,6 +208,7 @@ CASES = [
     C("eval-not-a-run", "eval", "{w}/notrun", expect=("{w}/notrun",)),
     C("eval-no-run-dir", "eval", expect=("usage: tlbench eval",)),
     C("eval-bad-split", "eval", "{finished}", "split=bogus", expect=("split='bogus'", "'val'")),
+    C("eval-bad-name", "eval", "{finished}", "split=train", "name=../..", expect=("name='../..' is not valid", "no '..'")),
     C("eval-unknown-option", "eval", "{finished}", "splitt=val", expect=("'splitt'", "split=")),
     C("eval-unknown-dataset-key", "eval", "{finished}", "dataset.nosuch=1", expect=("nosuch", "val_fraction")),
     C("eval-bad-dataset-value", "eval", "{finished}", "dataset.val_fraction=2", expect=("dataset.val_fraction=2",)),

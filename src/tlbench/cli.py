@@ -30,12 +30,14 @@ GROUPS.update({v: v for v in list(GROUPS.values())})  # singular and plural both
 SUBCOMMAND_HELP = {
     "eval": """usage: tlbench eval RUN_DIR [split=test|val|train|all] [name=NAME] [dataset.KEY=VALUE ...]
 
-Re-evaluate RUN_DIR's best checkpoint (checkpoints/best.pt) into RUN_DIR/eval_<name>/ with the
-run's file contract (results.json, predictions/, reports, figures). The metrics are stored
-under the split's name.
+Re-evaluate RUN_DIR's best checkpoint (checkpoints/best.pt) into RUN_DIR/eval_<name>/:
+results.json (the metrics of the one split evaluated, under the split's name), predictions/,
+reports, figures/, splits.json and eval.log. Not a run directory: no checkpoints, tb/ or
+second split (README: "An eval folder is not a run directory").
   split=test|val|train   one of the run's own splits (default test)
   split=all              every item of dataset.root (e.g. a held-out folder with the same classes)
-  name=NAME              the output folder eval_NAME (default: the split)
+  name=NAME              the output folder eval_NAME (default: the split); letters, digits,
+                         '_', '-', '.', no '/' and no '..'
   dataset.KEY=VALUE      dataset settings to change, e.g. dataset.root=/data/held_out
 
 example: tlbench eval outputs/2026-11-30/12-00-00 dataset.root=/data/held_out split=all name=held_out""",

@@ -12,7 +12,8 @@ Pure pieces, usable from tests and notebooks without the CLI:
   a readable ``results.json`` (and a job of a basic sweep that never got a directory) becomes a
   :class:`Problem`, listed in the output, never silently dropped.
 - ``aggregate(runs, by, metric) -> rows``: groups runs by dotted config keys and aggregates over
-  the rest (normally the seeds), per metric (``metric`` may name several): n, mean, sample std,
+  the rest (normally the seeds), each (config, seed) once (``distinct_runs``: a repeated run, e.g. a
+  copied folder, is left out with a warning naming it), per metric (``metric`` may name several): n, mean, sample std,
   95% CI half-width (t distribution); and the costs: trainable parameters, best epoch, total
   wall time per run (the one-off feature pass included), seconds per epoch, training images per
   second (only for runs that trained on images); warnings per group.
@@ -206,8 +207,26 @@ def data_fingerprint(results: dict) -> str:
     return str(subset.get("full_fingerprint") or results.get("dataset_fingerprint"))
 
 
+def distinct_runs(runs: Sequence[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
+    """Each (config, seed) once: a run with the ``config_hash`` (which includes the seed) and the data
+    of a run already kept (a copied folder, the same job run again elsewhere) is left out, so it is not
+    counted as another seed. Returns the kept runs (the first of each, in the order given) and the
+    ``(left out, the run it repeats)`` pairs. Runs without a ``config_hash`` are all kept."""
+    kept, first, repeats = [], {}, []
+    for r in runs:
+        h = r.results.get("config_hash")
+        key = (h, data_fingerprint(r.results)) if h else None
+        if key is not None and key in first:
+            repeats.append((r, first[key]))
+            continue
+        if key is not None:
+            first[key] = r
+        kept.append(r)
+    return kept, repeats
+
+
 def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metrics: Sequence[Metric],
-                    nums: Sequence[dict] = ()) -> list[str]:
+                    nums: Sequence[dict] = (), repeats: Sequence[tuple[Run, Run]] = ()) -> list[str]:
     out = []
     prints = sorted({data_fingerprint(r.results) for r in runs})
     if len(prints) > 1:
@@ -223,11 +242,11 @@ def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metrics: Seq
     if differ:
         out.append(f"{label}: runs differ in keys not in --by: {', '.join(differ[:8])}"
                    f"{' ...' if len(differ) > 8 else ''} (add them to --by to split the group)")
-    hashes = [r.results.get("config_hash") for r in runs if r.results.get("config_hash")]
-    dup = sorted({h for h in hashes if hashes.count(h) > 1})
-    if dup:
-        out.append(f"{label}: {len(hashes) - len(set(hashes))} run(s) repeat a config and seed already counted "
-                   f"(config_hash {', '.join(dup)})")
+    if repeats:
+        shown = "; ".join(f"{r.path} (repeats {kept.path}, config_hash {r.results.get('config_hash')})"
+                          for r, kept in repeats)
+        out.append(f"{label}: {len(repeats)} run(s) left out: each repeats a config and seed already counted "
+                   f"(same config_hash, seed included, and data), so n, std and CI are over distinct seeds: {shown}")
     for metric in metrics:
         lacking = [str(r.path) for r in runs if _metric_value(r, metric) is None]
         if lacking:
@@ -270,6 +289,7 @@ def aggregate(runs: Sequence[Run], by=None, metric=None) -> list[Row]:
         groups.setdefault(tuple(map(_ident, values)), (values, []))[1].append(r)
     rows, members_of = [], []
     for values, members in sorted(groups.values(), key=lambda g: _sort_key(g[0])):
+        members, repeats = distinct_runs(members)
         per_metric = []
         for m in metrics:
             vals = [v for v in (_metric_value(r, m) for r in members) if v is not None]
@@ -278,13 +298,13 @@ def aggregate(runs: Sequence[Run], by=None, metric=None) -> list[Row]:
         row = Row(tuple(keys), values, [r.path for r in members], per_metric,
                   **{k: _mean(x[k] for x in nums) for k in ("trainable", "best_epoch", "train_s", "eval_s", "total_s",
                                                             "feature_s")},
-                  train_img_s=_mean(x["img_s"] for x in nums))
+                  train_img_s=_mean(x["img_s"] for x in nums), left_out=[r.path for r, _ in repeats])
         rows.append(row)
-        members_of.append((members, nums))
+        members_of.append((members, nums, repeats))
     for row, shown in zip(rows, key_texts(rows)):
         row.shown = shown
-    for row, (members, nums) in zip(rows, members_of):
-        row.warnings = _group_warnings(row.label, members, keys, metrics, nums)
+    for row, (members, nums, repeats) in zip(rows, members_of):
+        row.warnings = _group_warnings(row.label, members, keys, metrics, nums, repeats)
     return rows
 
 

@@ -4,6 +4,8 @@ figures; and ``tlbench eval RUN_DIR`` (re-evaluate a saved checkpoint, also on a
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -17,10 +19,12 @@ from .errors import TlbenchError
 from .metrics import compute_metrics
 from .models.cae import RECON_TASK
 from .recon import objective, report_split as report_reconstruction
-from .record import close_log, open_log
+from .record import EarlyLog, close_log, open_log
 from .tables import metric_name
 from .tracking import log_test_figures, save_confusion, write_json, write_predictions, write_report
 from .validation import from_dict, to_config, validate
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_split(model, loader, tasks, opts, limit=None) -> dict:
@@ -67,37 +71,77 @@ def report_split(run_dir: Path, split: str, collected: dict, bundle, tracker, pr
     return out
 
 
+NAME_RULE = ("a plain folder-name part: letters, digits, '_', '-' and '.', at most 100 characters, "
+             "no '/' and no '..'")
+
+
+def check_name(name: Optional[str]) -> None:
+    """``name=`` of ``tlbench eval``: a part of the folder name ``eval_<name>``, never a path."""
+    if name is None:
+        return
+    if not (re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name) and ".." not in name):
+        raise TlbenchError(f"name={name!r} is not valid: the evaluation goes to RUN_DIR/eval_<name>, so name must be "
+                           f"{NAME_RULE}; e.g. name=held_out")
+
+
+def eval_dir(run_dir: Path, split: str, name: Optional[str]) -> Path:
+    """``run_dir/eval_<name or split>``: a folder of its own directly inside the run directory, never one
+    of the run's own files or folders (results.json, predictions/, checkpoints/, ...) nor a link out."""
+    check_name(name)
+    run_dir = Path(run_dir)
+    out = run_dir / f"eval_{split if name is None else name}"
+    if out.is_symlink() or out.resolve().parent != run_dir.resolve() or not out.resolve().name.startswith("eval_"):
+        raise TlbenchError(f"{out} is not a folder of its own inside {run_dir} (a link?); tlbench eval writes only "
+                           f"into RUN_DIR/eval_<name>/: remove {out} or choose another name=")
+    if out.exists() and not out.is_dir():
+        raise TlbenchError(f"{out} exists and is not a folder; remove it or choose another name=")
+    return out
+
+
 def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optional[str] = None) -> Path:
     """Re-evaluate a run's best checkpoint on one split (optionally of another dataset root
-    with the same classes) into ``run_dir/eval_<name>/`` with the same file contract."""
+    with the same classes) into ``run_dir/eval_<name>/``: results.json (the metrics under the
+    split's name), predictions/, reports, figures/, splits.json and eval.log (every line this
+    evaluation logged, those before the folder existed included)."""
     import dataclasses
 
     if split not in ("train", "val", "test", "all"):
         raise TlbenchError(f"split={split!r} is not valid; choose one of 'train', 'val', 'test', 'all'")
     run_dir = Path(run_dir)
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    saved = ckpt["config"]
-    ds = from_dict(DatasetConfig, {**saved["dataset"], **dataset_updates}, "dataset")
-    cfg = validate(dataclasses.replace(to_config(saved), dataset=ds))
-    # the checkpoint holds every weight: do not look for pretrained files again
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None,
-                                                             init_from=None))
-
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    bundle, model, plan = build_everything(cfg)
-    if ckpt.get("tasks") and bundle.tasks != ckpt["tasks"]:
-        raise TlbenchError(
-            f"the evaluation data has other classes than the run was trained on: {bundle.tasks} "
-            f"vs {ckpt['tasks']}; point dataset.root at data with the same class folders"
-        )
-    model.load_state_dict(ckpt["model"])
-    device = select_device(cfg.trainer.device)
-    # only now, with the data and model built, is anything written into the run directory
-    out = run_dir / f"eval_{name or split}"
-    out.mkdir(parents=True, exist_ok=True)
-    open_log(out, "eval.log")
+    out = eval_dir(run_dir, split, name)  # a bad name= fails before anything is read or written
+    early = EarlyLog().__enter__()  # held until eval.log exists; a refused evaluation writes no log
     try:
+        best = run_dir / "checkpoints" / "best.pt"
+        log.info("tlbench eval %s: split=%s%s into %s", run_dir, split,
+                 "".join(f" dataset.{k}={v}" for k, v in dataset_updates.items()), out)
+        ckpt = load_checkpoint(best)
+        log.info("checkpoint %s: epoch %s, config_hash %s", best, ckpt.get("epoch"), ckpt.get("config_hash"))
+        saved = ckpt["config"]
+        ds = from_dict(DatasetConfig, {**saved["dataset"], **dataset_updates}, "dataset")
+        cfg = validate(dataclasses.replace(to_config(saved), dataset=ds))
+        # the checkpoint holds every weight: do not look for pretrained files again
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None,
+                                                                 init_from=None))
+        log.info("data: %s%s", ds.name, f" at {ds.root}" if ds.root else "")
+
+        seed_everything(cfg.seed, cfg.trainer.deterministic)
+        bundle, model, plan = build_everything(cfg)
+        if ckpt.get("tasks") and bundle.tasks != ckpt["tasks"]:
+            raise TlbenchError(
+                f"the evaluation data has other classes than the run was trained on: {bundle.tasks} "
+                f"vs {ckpt['tasks']}; point dataset.root at data with the same class folders"
+            )
+        model.load_state_dict(ckpt["model"])
+        device = select_device(cfg.trainer.device)
+        # only now, with the data and model built, is anything written into the run directory
+        out = eval_dir(run_dir, split, name)  # again: the folder may have changed while the data was read
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.log").unlink(missing_ok=True)  # the log of the evaluation the folder holds, not of earlier ones
+        early.__exit__()
+        early.flush_into(open_log(out, "eval.log"))
         model.to(device)
+        log.info("model: %s parameters (%s trained by the run); device %s", f"{plan.total:,}",
+                 f"{plan.trainable_count:,}", device)
 
         opts = LoopOptions(device=device, progress=progress_enabled(cfg),
                            objective=objective(cfg, model.backbone.input_spec))
@@ -108,6 +152,7 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
             bundle.splits = {"test": list(range(len(bundle.source)))}
         elif split != "test":
             bundle.test = getattr(bundle, split)
+        log.info("evaluating %s: %d items (dataset_fingerprint %s)", split, len(bundle.test), bundle.fingerprint)
         loader = make_loaders(bundle, cfg, device)["test"]
         metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
                                ecfg=cfg.eval, shown=split, model=model, objective=opts.objective)
@@ -117,7 +162,14 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
             "params": {"total": plan.total, "trainable": plan.trainable_count}, split: metrics,
         })
         write_json(out / "splits.json", bundle.splits)
+        n = next(iter(metrics.values()), {}).get("n")
+        log.info("%s metrics (%s items):", split, n)
+        for task, m in metrics.items():
+            log.info("%s", _metric_line(task, m))
+        log.info("written to %s: %s", out, ", ".join(sorted(
+            str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())))
     finally:
+        early.__exit__()
         close_log(out, "eval.log")
     return out
 

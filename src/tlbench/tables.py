@@ -102,6 +102,7 @@ class Row:
     feature_s: Optional[float] = None  # the one-off feature pass (None: the run had none)
     warnings: list = field(default_factory=list)
     shown: Optional[tuple] = None  # the values as the table shows them (see :func:`key_texts`)
+    left_out: list = field(default_factory=list)  # runs repeating a (config, seed) of ``runs``: not counted
 
     # the first metric, for callers that ask for one
     @property
@@ -230,6 +231,8 @@ def legend(rows: Sequence[Row]) -> str:
         return ""
     titles = "; ".join(s.metric.title for s in rows[0].stats)
     count = f"{sum(len(r.runs) for r in rows)} runs in {len(rows)} group{'s' * (len(rows) != 1)}"
+    repeated = sum(len(r.left_out) for r in rows)
+    count += f" ({repeated} repeated run{'s' * (repeated != 1)} left out)" if repeated else ""
     features = any(r.feature_s is not None for r in rows)
     return (f"{titles}: mean over the runs of each group (normally seeds), sample std, 95% CI half-width "
             f"(t distribution); {count}. total s: wall time of a whole run (setup, "
