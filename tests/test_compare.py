@@ -310,3 +310,16 @@ def test_real_sweep_compare(tmp_path):
     out = tmp_path / "table.md"
     assert compare_main([str(sweep), "--out", str(out)]) == 0
     assert "| cnn " in out.read_text() and "| mlp " in out.read_text()
+
+
+def test_runs_scored_on_part_of_their_test_split_are_flagged(tmp_path):
+    """trainer.limit_eval_batches (results.json eval_limit): compare warns that those metrics are
+    not the test split's, naming the runs and how many items they scored."""
+    a = make_run(tmp_path, "a")
+    make_run(tmp_path, "b", seed=1)
+    res = json.loads((a / "results.json").read_text())
+    res["eval_limit"] = {"trainer.limit_eval_batches": 1, "val": {"n": 64, "of": 270}, "test": {"n": 64, "of": 270}}
+    (a / "results.json").write_text(json.dumps(res))
+    out = render(aggregate(collect_runs([tmp_path])[0]), "md")
+    assert "model=cnn: 1 run(s) scored only part of their val/test splits (trainer.limit_eval_batches" in out
+    assert f"{a} (64 of 270)" in out and f"{tmp_path / 'b'} (" not in out

@@ -252,6 +252,13 @@ def _group_warnings(label: str, runs: list[Run], by: Sequence[str], metrics: Seq
         if lacking:
             out.append(f"{label}: {len(lacking)} run(s) have no {metric.label}, left out of the mean: "
                        f"{', '.join(lacking)}")
+    limited = [r for r in runs if r.results.get("eval_limit")]
+    if limited:
+        shown = ", ".join(f"{r.path} ({(r.results['eval_limit'].get('test') or {}).get('n')} of "
+                          f"{(r.results['eval_limit'].get('test') or {}).get('of')})" for r in limited[:4])
+        out.append(f"{label}: {len(limited)} run(s) scored only part of their val/test splits "
+                   f"(trainer.limit_eval_batches, a smoke setting): their metrics are not the test split's: "
+                   f"{shown}{' ...' if len(limited) > 4 else ''}")
     partial = sum(1 for x in nums if x["total_partial"])
     if partial:
         out.append(f"{label}: {partial} run(s) were resumed; results.json times only their last session, so their "
