@@ -130,3 +130,6 @@ def test_balanced_class_weights_reach_the_loss(cli, tmp_path, monkeypatch):
     n = np.array([counts[c] for c in ("Covid", "Normal", "Viral_Pneumonia")], dtype=float)
     want = torch.tensor(n.sum() / (len(n) * n), dtype=torch.float32)
     assert seen and all(w is not None and torch.allclose(w, want) for w in seen), (seen[:2], want)
+    # and the run says which of its losses are weighted (the epochs') and which are not (results.json's)
+    assert "every epoch's loss (train, val and a monitored val/loss) is the class-weighted" in (
+        run / "train.log").read_text()

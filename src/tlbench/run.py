@@ -343,6 +343,9 @@ def _step_logger(cfg: Config, state: TrainState, tracker: Tracker):
 def _class_weights(bundle, device):
     if not bundle.class_weights:
         return None
+    log.info("dataset.class_weights: every epoch's loss (train, val and a monitored val/loss) is the class-weighted "
+             "cross-entropy the run minimizes; results.json val/test loss is the unweighted log-loss of the "
+             "predictions (recomputable from predictions/)")
     return {t: torch.tensor(w, dtype=torch.float32, device=device) for t, w in bundle.class_weights.items()}
 
 
