@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side: a linear probe (frozen backbone) with the backbone's features computed once
-# (trainer.cache_features=true, the default) vs run on every epoch (false). Same data, split,
+# (trainer.cache_features=true; the default auto applies it wherever it can) vs run on every epoch (false). Same data, split,
 # seed and epochs, one after the other in one invocation; prints both times and the ratio and
 # checks that both runs reached the same test accuracy.
 #

