@@ -116,3 +116,51 @@ def test_positive_class_must_name_a_class_of_the_binary_tasks(positive, tasks, w
         check_tasks(cfg, tasks)
     for w in words:
         assert w in str(e.value)
+
+
+# ----------------------------------------------------------------------------- dataset keys a dataset does not read
+def _validated(**ds) -> Config:
+    from tlbench.validation import validate
+
+    return validate(Config(dataset=DatasetConfig(**ds)))
+
+
+@pytest.mark.parametrize("ds, words", [
+    # the walkthrough: a CIFAR-10 root without dataset=cifar10 trained on the default digits
+    (dict(root="/work/shared/data/cifar10"),
+     ["dataset.root='/work/shared/data/cifar10'", "dataset=sklearn_digits (the default) reads no files",
+      "did you mean dataset=cifar10?", "cifar10, emnist, handwritten_digits, chest_xray, image_folder"]),
+    (dict(root="/nonexistent"), ["dataset.root='/nonexistent'", "reads no files", "dataset=NAME"]),
+    (dict(root="/data/Handwritten-Digits"), ["did you mean dataset=handwritten_digits?"]),
+    (dict(download=True), ["dataset.download=true", "nothing to download", "cifar10, emnist"]),
+    (dict(name="image_folder", root="x", download=True),
+     ["dataset.download=true", "dataset=image_folder has no downloader", "cifar10, emnist"]),
+    (dict(split="letters"), ["dataset.split='letters'", "no variants", "read dataset.split: emnist"]),
+    (dict(name="cifar10", root="x", split="balanced"), ["dataset.split='balanced'", "dataset=cifar10 has no"]),
+    (dict(name="chest_xray", root="x", split="train"), ["dataset.split='train'", "dataset=chest_xray"]),
+])
+def test_a_dataset_key_the_dataset_does_not_read_is_refused(ds, words):
+    with pytest.raises(TlbenchError) as e:
+        _validated(**ds)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("ds", [
+    dict(),
+    dict(root=None, download=False, split=None),
+    dict(name="cifar10", root="x", download=True),
+    dict(name="emnist", root="x", download=True, split="letters"),
+    *[dict(name=n, root="x") for n in ("handwritten_digits", "chest_xray", "image_folder")],
+])
+def test_a_dataset_key_the_dataset_reads_is_accepted(ds):
+    _validated(**ds)
+
+
+@pytest.mark.parametrize("name", ["sklearn_digits", "cifar10", "emnist", "handwritten_digits", "chest_xray",
+                                  "image_folder"])
+def test_every_dataset_group_composes_with_its_own_defaults(name):
+    """conf/dataset/<name>.yaml sets every dataset key: none of them trips the check."""
+    from conftest import compose_cfg
+
+    assert compose_cfg(f"dataset={name}").dataset.name == name

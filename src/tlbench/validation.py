@@ -15,6 +15,7 @@ from dataclasses import field
 from .config import (AUGMENTS, DATASETS, FOLDER_DATASETS, INIT_PARTS, LOGGERS, LOSSES, MONITORS,
                      OPTIMIZER_IMPLS, OPTIMIZERS, PIPELINES, PRECISIONS, SCHEDULERS, SWITCH_KEYS, SWITCHES,
                      Config, DatasetConfig, EvalConfig, OptimConfig, SchedConfig, is_reconstruction)
+from . import registry
 from .errors import TlbenchError, choices
 
 SCHEMAS: dict[type, type] = {}
@@ -175,6 +176,58 @@ def _validate_dataset(d: DatasetConfig) -> None:
             "train_per_class=null)")
     _check_range("dataset.batch_size", d.batch_size, 1)
     _check_range("dataset.num_workers", d.num_workers, 0)
+    check_dataset_keys(d)
+
+
+def _readers(flag: str) -> list[str]:
+    """The datasets whose ``registry.DATASETS`` entry has ``flag`` set (they read the key)."""
+    return [n for n, e in registry.DATASETS.items() if getattr(e, flag)]
+
+
+def _guess(root: str, readers: list[str]) -> str | None:
+    """The dataset a root path names (``/data/cifar10`` -> ``cifar10``), if one does."""
+    def squash(text: str) -> str:
+        return "".join(c for c in text.lower() if c.isalnum())
+    named = [n for n in readers if squash(n) in squash(root)]
+    return max(named, key=len) if named else None
+
+
+def check_dataset_keys(d: DatasetConfig, run_dir=None) -> None:
+    """``dataset.root``, ``dataset.download`` and ``dataset.split`` set for a dataset that does
+    not read them (``registry.DATASETS``: ``files``, ``downloads``, ``variants``) used to be
+    ignored silently: ``dataset.root=/data/cifar10`` without ``dataset=cifar10`` trained on the
+    default digits. ``run_dir``: the run ``tlbench eval`` re-evaluates (the message says so)."""
+    name = d.name
+    entry = registry.DATASETS.get(name)
+    if entry is None:
+        return
+    cases = []
+    if d.root is not None and str(d.root).strip() and not entry.files:
+        readers = _readers("files")
+        why = "reads no files (its images ship with scikit-learn)" if name == "sklearn_digits" else "reads no files"
+        cases.append((f"dataset.root={d.root!r}", why, readers, _guess(str(d.root), readers), "dataset.root"))
+    if d.download and not entry.downloads:
+        why = ("has nothing to download (its images ship with scikit-learn)" if not entry.files
+               else "has no downloader (put its files under dataset.root yourself: docs/datasets.md)")
+        cases.append(("dataset.download=true", why, _readers("downloads"), None, "dataset.download"))
+    if d.split is not None and not entry.variants:
+        readers = _readers("variants")
+        cases.append((f"dataset.split={d.split!r}", "has no variants to choose (dataset.split picks one, e.g. "
+                      "EMNIST's balanced or letters)", readers, None, "dataset.split"))
+    if not cases:
+        return
+    setting, why, readers, guess, key = cases[0]
+    if run_dir is not None:
+        raise TlbenchError(
+            f"{setting} is set, but {run_dir} was trained on dataset={name}, which {why}, so it would be "
+            f"ignored and the run evaluated on {name} all the same; a run is evaluated on data of its own "
+            f"dataset ({key} applies to runs of {', '.join(readers)}). Leave {key} out, or set "
+            f"{key}={'null' if key != 'dataset.download' else 'false'}")
+    shown = f"dataset={name}" + (" (the default)" if name == DatasetConfig().name else "")
+    mean = f"; did you mean dataset={guess}?" if guess else "."
+    raise TlbenchError(
+        f"{setting} is set, but {shown} {why}, so it would be ignored{mean} Datasets that read {key}: "
+        f"{', '.join(readers)}. Choose one of them with dataset=NAME, or leave {key} out")
 
 
 def _validate_optim(o: OptimConfig, s: SchedConfig) -> None:
