@@ -164,3 +164,76 @@ def test_every_dataset_group_composes_with_its_own_defaults(name):
     from conftest import compose_cfg
 
     assert compose_cfg(f"dataset={name}").dataset.name == name
+
+
+# ----------------------------------------------------------------------------- a task needs 2 classes
+@pytest.mark.parametrize("tasks, words", [
+    ({"label": ["cat"]}, ["task 'label'", "1 class ('cat')", "at least 2"]),
+    ({"label": []}, ["task 'label'", "0 classes"]),
+    ({"digit": MULTI["digit"], "language": ["Thai"]}, ["task 'language'", "dataset.task=digit (10 classes)"]),
+])
+def test_a_task_with_fewer_than_two_classes_is_refused(tasks, words):
+    with pytest.raises(TlbenchError) as e:
+        check_tasks(Config(), tasks)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_a_reconstruction_run_has_no_classes_and_passes():
+    from tlbench.config import ModelConfig
+
+    check_tasks(Config(model=ModelConfig(name="cae")), {"reconstruction": []})
+
+
+def _one_class_data(tmp_path, kind):
+    """A dataset config whose selected task has one class, on a fixture in the dataset's layout."""
+    root = tmp_path / kind
+    if kind == "image_folder":
+        fx.write_class_tree(root, {"cat": 6, "dog": 6}, modes=("L",))
+        return dict(name=kind, root=str(root), classes=("cat",))
+    if kind == "chest_xray":
+        fx.write_chest_xray(root)
+        return dict(name=kind, root=str(root), classes=("Covid",))
+    # handwritten_digits: one language left, so the language task has one class (the digit task has 10);
+    # 2 images per digit: too few for a stratified multitask split, so the check must come before splitting
+    fx.write_handwritten_digits(root, per_digit=2)
+    return dict(name="handwritten_digits", root=str(root), classes=("Thai",), task=kind.split(":")[1])
+
+
+ONE_CLASS = ["image_folder", "chest_xray", "handwritten_digits:language", "handwritten_digits:multitask"]
+
+
+@pytest.mark.parametrize("kind", ONE_CLASS)
+def test_every_dataset_refuses_a_one_class_task_before_training(tmp_path, kind):
+    """Trained, scored 1.0 and exited 0 on handwritten_digits' language task with one language.
+    build_everything (train and eval) refuses it once the tasks are known, before splitting."""
+    from tlbench.build import build_everything
+    from tlbench.config import TrainerConfig
+
+    cfg = Config(dataset=DatasetConfig(**_one_class_data(tmp_path, kind)), trainer=TrainerConfig(feature_store=None))
+    with pytest.raises(TlbenchError) as e:
+        build_everything(cfg)
+    msg = str(e.value)
+    assert "1 class" in msg and "at least 2" in msg, msg
+    if kind.startswith("handwritten"):
+        assert "task 'language'" in msg and "dataset.classes=['Thai']" in msg and "dataset.task=digit" in msg, msg
+
+
+@pytest.mark.parametrize("kind", ONE_CLASS)
+def test_plan_refuses_a_one_class_task(tmp_path, kind):
+    from tlbench.plan import build_plan
+
+    with pytest.raises(TlbenchError, match="at least 2"):
+        build_plan(Config(dataset=DatasetConfig(**_one_class_data(tmp_path, kind))))
+
+
+def test_a_one_language_digit_task_still_trains_its_data(tmp_path):
+    """dataset.classes=[Thai] with the digit task (english_to_thai's target) is fine: 10 classes."""
+    from tlbench.build import build_everything
+    from tlbench.config import TrainerConfig
+
+    fx.write_handwritten_digits(tmp_path / "hw", per_digit=8)
+    cfg = Config(dataset=DatasetConfig(name="handwritten_digits", root=str(tmp_path / "hw"), classes=("Thai",),
+                                       task="digit"), trainer=TrainerConfig(feature_store=None))
+    bundle, _, _ = build_everything(cfg)
+    assert list(bundle.tasks) == ["digit"] and len(bundle.tasks["digit"]) == 10

@@ -351,17 +351,25 @@ def _validate_task(cfg: Config) -> None:
                            "reconstruction run (model=cae) ignores labels: use dataset.class_weights=none")
 
 
-def check_tasks(cfg: Config, tasks: dict[str, list[str]]) -> None:
+def check_tasks(cfg: Config, tasks: dict[str, list[str]], available: dict[str, list[str]] | None = None) -> None:
     """Checks that need the dataset's tasks (``{task: class names}``), known once the data is
-    built; ``build.build_everything`` (data + model + freeze plan, used by train, eval and plan)
-    calls it right after ``build_data``, so before training.
+    read; ``build.build_everything`` (data + model + freeze plan, used by train and eval) has
+    ``build_data`` call it once the tasks are selected, before splitting and decoding, and
+    ``tlbench plan`` with the classes from the dataset's meta. ``available``: every task of the
+    dataset (a message suggests one of them), ``tasks`` when not given.
 
     - ``eval.topk``: a k (> 1) that is not smaller than the number of classes of any task would
       be dropped silently (top-k of k classes is always 1). The default ``[1, 3]`` is exempt:
       it reports top-3 where a task has more than 3 classes.
     - ``eval.positive_class``: must name a class of every binary task; with no binary task it
       means nothing.
+    - every task of a classifier has at least 2 classes (with one, every prediction is right:
+      it trained, scored 1.0 and exited 0); the folder loaders refuse fewer than 2 class folders
+      themselves, this catches the tasks they cannot judge (``handwritten_digits``' language
+      task with ``dataset.classes=[Thai]``) and any other dataset.
     """
+    if not is_reconstruction(cfg):
+        _need_two_classes(cfg, tasks, available or tasks)
     e = cfg.eval
     sizes = ", ".join(f"task {t!r} has {len(n)} classes" for t, n in tasks.items())
     if tuple(e.topk) != EvalConfig().topk:
@@ -382,6 +390,26 @@ def check_tasks(cfg: Config, tasks: dict[str, list[str]]) -> None:
                 raise TlbenchError(
                     f"eval.positive_class={e.positive_class!r} is not a class of task {t!r}; choose one of "
                     f"{choices(names)}")
+
+
+def _need_two_classes(cfg: Config, tasks: dict[str, list[str]], available: dict[str, list[str]]) -> None:
+    d = cfg.dataset
+    for task, names in tasks.items():
+        if len(names) >= 2:
+            continue
+        found = f"{len(names)} class{'es' if len(names) != 1 else ''}" + (f" ({choices(names)})" if names else "")
+        fixes = []
+        if d.classes:
+            what = "language" if d.name == "handwritten_digits" else "class"
+            fixes.append(f"dataset.classes={list(d.classes)!r} keeps {len(names)} {what} folder{'s' * (len(names) != 1)} of "
+                         f"dataset={d.name}: list at least 2")
+        others = [t for t, n in available.items() if len(n) >= 2]
+        if others:
+            fixes.append(f"train {'the task' if len(others) == 1 else 'a task'} that has them: "
+                         + ", ".join(f"dataset.task={t} ({len(available[t])} classes)" for t in others))
+        raise TlbenchError(
+            f"task {task!r} of dataset={d.name} has {found}; a classifier needs at least 2 classes per task "
+            f"(with one, every prediction is right and the metrics mean nothing). {'; or '.join(fixes)}")
 
 
 def to_config(data: dict) -> Config:
