@@ -181,6 +181,9 @@ CASES = [
     C("positive-class-not-binary", *SMOKE, "eval.positive_class=7", expect=("eval.positive_class='7'", "10 classes")),
     C("topk-above-classes", *SMOKE, "eval.topk=[1,20]", expect=("eval.topk=[1, 20]", "10 classes")),
     C("topk-equals-classes", *SMOKE, "eval.topk=[1,10]", expect=("eval.topk=[1, 10]", "10 classes")),
+    C("image-folder-pre-split", *SMOKE, "dataset=image_folder", "dataset.root={data}/presplit",
+      expect=("all split names ('test', 'train')", "pre-split", "dataset.root at {data}/presplit/train",
+              "dataset=chest_xray")),
     C("chest-mixed-folders", *SMOKE, "dataset=chest_xray", "dataset.root={data}/chest_mixed",
       expect=("'extra'", "train")),
     C("chest-test-class-unknown", *SMOKE, "dataset=chest_xray", "dataset.root={data}/chest_badtest",
@@ -253,6 +256,7 @@ def _write_world(w: Path) -> None:
     fx.write_class_tree(data / "corrupt", {"cat": 3, "dog": 3}, modes=("L",))
     fx.write_corrupt(data / "corrupt" / "dog" / "broken.png")
     fx.write_chest_xray(data / "chest_mixed")
+    fx.write_chest_xray(data / "presplit")  # train/ + test/ of class folders: not image_folder's layout
     fx.write_image(data / "chest_mixed" / "extra" / "a.png", 0)
     fx.write_chest_xray(data / "chest_badtest", test={"Covid": 1, "Normal": 1, "Viral_Pneumonia": 1, "Alien": 1})
     fx.write_handwritten_digits(data / "hw", per_digit=2)

@@ -237,3 +237,35 @@ def test_a_one_language_digit_task_still_trains_its_data(tmp_path):
                                        task="digit"), trainer=TrainerConfig(feature_store=None))
     bundle, _, _ = build_everything(cfg)
     assert list(bundle.tasks) == ["digit"] and len(bundle.tasks["digit"]) == 10
+
+
+# ----------------------------------------------------------------------------- image_folder on a pre-split tree
+@pytest.mark.parametrize("splits", [("train", "test"), ("Train", "Valid"), ("train", "val", "test"), ("TRAIN",),
+                                    ("training_set_is_not_a_split", "test")])
+def test_image_folder_refuses_a_tree_of_split_folders(tmp_path, splits):
+    """ROOT/train/<class> + ROOT/test/<class> trained a 2-class task 'test' vs 'train' without a word."""
+    from tlbench.data.meta import plan_tasks
+
+    for s in splits:
+        fx.write_class_tree(tmp_path / s, {"cat": 3, "dog": 3}, modes=("L",))
+    cfg = DatasetConfig(name="image_folder", root=str(tmp_path))
+    if splits[0] == "training_set_is_not_a_split":  # a class folder among them: the tree is class folders
+        assert plan_tasks(cfg)[0] == {"label": list(splits[::-1])}
+        return
+    for build in (lambda: build_data(cfg, PLAIN), lambda: plan_tasks(cfg)):  # train/eval, and plan
+        with pytest.raises(TlbenchError) as e:
+            build()
+        msg = str(e.value)
+        assert "all split names" in msg and "pre-split" in msg, msg
+        assert f"dataset.root at {tmp_path / splits[0]}" in msg, msg  # its train folder, spelled as on disk
+        assert "dataset=chest_xray" in msg, msg  # the loader that reads train/ + test/
+        if "Valid" in splits:
+            assert "'Valid' is renamed" in msg, msg  # chest_xray knows train/val/test only
+
+
+def test_the_suggested_chest_xray_reads_a_split_tree_of_any_classes(tmp_path):
+    """What the message offers works: chest_xray takes train/ + test/ with other class names."""
+    fx.write_class_tree(tmp_path / "train", {"cat": 8, "dog": 8}, modes=("L",))
+    fx.write_class_tree(tmp_path / "test", {"cat": 2, "dog": 2}, modes=("L",))
+    bundle = build_data(DatasetConfig(name="chest_xray", root=str(tmp_path)), PLAIN)
+    assert bundle.tasks == {"label": ["cat", "dog"]} and len(bundle.test) == 4
