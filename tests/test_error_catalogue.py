@@ -91,6 +91,8 @@ CASES = [
     C("logger-not-a-list", *SMOKE, "logger=tensorboard", expect=("logger='tensorboard'", "logger=[tensorboard]")),
     C("quiet-and-verbose", *SMOKE, "--quiet", "--verbose", expect=("--quiet and --verbose contradict",)),
     C("step-gamma-negative", "sched=step", "sched.gamma=-1", expect=("sched.gamma=-1.0", "> 0")),
+    C("warmup-beyond-the-run", "sched=cosine", "sched.warmup_epochs=50", "trainer.max_epochs=3",
+      expect=("sched.warmup_epochs=50", "trainer.max_epochs=3", "from 0 to 2", "6% of optim.lr")),
     C("plateau-factor", "sched=plateau", "sched.factor=1.5", expect=("sched.factor=1.5", "< 1")),
     C("classes-on-fixed-dataset", "dataset.classes=[cat]", expect=("dataset.classes=['cat']", "sklearn_digits")),
     C("root-on-default-dataset", "dataset.root={data}/cifar10",

@@ -269,3 +269,44 @@ def test_the_suggested_chest_xray_reads_a_split_tree_of_any_classes(tmp_path):
     fx.write_class_tree(tmp_path / "test", {"cat": 2, "dog": 2}, modes=("L",))
     bundle = build_data(DatasetConfig(name="chest_xray", root=str(tmp_path)), PLAIN)
     assert bundle.tasks == {"label": ["cat", "dog"]} and len(bundle.test) == 4
+
+
+# ----------------------------------------------------------------------------- cosine warmup vs max_epochs
+def _lrs(warmup: int, epochs: int) -> list[float]:
+    """The lr of each epoch of the real cosine schedule, as a fraction of optim.lr."""
+    from tlbench.config import SchedConfig
+    from tlbench.optim import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, SchedConfig(name="cosine", warmup_epochs=warmup), epochs)
+    out = []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("warmup, epochs", [(50, 3), (3, 3), (4, 3), (1, 1)])
+def test_a_warmup_as_long_as_the_run_is_refused(warmup, epochs):
+    """sched.warmup_epochs=50 with trainer.max_epochs=3 was accepted: the lr never passed 6% of optim.lr."""
+    from tlbench.config import SchedConfig, TrainerConfig
+    from tlbench.validation import validate
+
+    assert max(_lrs(warmup, epochs)) < 1.0  # what the rule guards against: optim.lr is never reached
+    cfg = Config(sched=SchedConfig(name="cosine", warmup_epochs=warmup), trainer=TrainerConfig(max_epochs=epochs))
+    with pytest.raises(TlbenchError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for w in (f"sched.warmup_epochs={warmup}", f"trainer.max_epochs={epochs}", f"from 0 to {epochs - 1}",
+              f"{epochs / (warmup + 1):.0%} of optim.lr"):
+        assert w in msg, msg
+
+
+@pytest.mark.parametrize("warmup, epochs", [(0, 1), (2, 3), (1, 2), (5, 50)])
+def test_a_warmup_shorter_than_the_run_is_accepted(warmup, epochs):
+    from tlbench.config import SchedConfig, TrainerConfig
+    from tlbench.validation import validate
+
+    assert max(_lrs(warmup, epochs)) == pytest.approx(1.0)  # the schedule reaches optim.lr
+    validate(Config(sched=SchedConfig(name="cosine", warmup_epochs=warmup), trainer=TrainerConfig(max_epochs=epochs)))

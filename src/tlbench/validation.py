@@ -317,6 +317,14 @@ def _validate_more(cfg: Config) -> None:
                  why="the lr is multiplied by it on a plateau")
     _check_range("sched.patience", s.patience, 0)
     _check_range("sched.min_lr", s.min_lr, 0.0)
+    epochs = cfg.trainer.max_epochs
+    if s.name == "cosine" and s.warmup_epochs >= epochs:
+        peak = epochs / (s.warmup_epochs + 1)  # optim.lr x (epoch + 1) / (warmup_epochs + 1) while warming up
+        raise TlbenchError(
+            f"sched.warmup_epochs={s.warmup_epochs} is out of range for trainer.max_epochs={epochs}: the warmup "
+            f"raises the lr linearly and reaches optim.lr after warmup_epochs epochs, so the run would end "
+            f"still warming up (the lr peaks at {peak:.0%} of optim.lr) and never decay; use sched.warmup_epochs "
+            f"from 0 to {epochs - 1} (< trainer.max_epochs), or raise trainer.max_epochs above {s.warmup_epochs}")
     if f.groups and o.layer_decay is not None:
         raise TlbenchError(f"freeze.groups={list(f.groups)!r} and optim.layer_decay={o.layer_decay!r} both set block "
                            "learning rates; use one of them")
