@@ -67,6 +67,7 @@ CASES = [
     C("lr-negative", "optim.lr=-0.1", expect=("optim.lr=-0.1", "> 0")),
     C("max-epochs-zero", "trainer.max_epochs=0", expect=("trainer.max_epochs=0", ">= 1")),
     C("val-fraction-above-1", "dataset.val_fraction=1.5", expect=("dataset.val_fraction=1.5", "<= 1")),
+    C("val-fraction-zero", "dataset.val_fraction=0", expect=("dataset.val_fraction=0.0", "> 0", "best epoch")),
     C("train-fraction-zero", "dataset.train_fraction=0", expect=("dataset.train_fraction=0.0", "> 0.0")),
     C("train-fraction-and-per-class", "dataset.train_fraction=0.5", "dataset.train_per_class=3",
       expect=("dataset.train_fraction=0.5 and dataset.train_per_class=3", "set one of them")),

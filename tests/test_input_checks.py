@@ -310,3 +310,25 @@ def test_a_warmup_shorter_than_the_run_is_accepted(warmup, epochs):
 
     assert max(_lrs(warmup, epochs)) == pytest.approx(1.0)  # the schedule reaches optim.lr
     validate(Config(sched=SchedConfig(name="cosine", warmup_epochs=warmup), trainer=TrainerConfig(max_epochs=epochs)))
+
+
+# ----------------------------------------------------------------------------- val_fraction=0
+@pytest.mark.parametrize("name", ["sklearn_digits", "cifar10", "emnist", "handwritten_digits", "chest_xray",
+                                  "image_folder"])
+def test_val_fraction_zero_is_refused_before_loading(name):
+    """It failed only after the data had loaded ("0 of 1527 items is 0"). No dataset has an
+    official validation split, so 0 is refused for every one of them, from the config alone."""
+    from tlbench.validation import validate
+
+    root = None if name == "sklearn_digits" else "/nonexistent"  # never read: the config is refused first
+    with pytest.raises(TlbenchError) as e:
+        validate(Config(dataset=DatasetConfig(name=name, root=root, val_fraction=0.0)))
+    msg = str(e.value)
+    assert "dataset.val_fraction=0.0" in msg and "> 0" in msg and "best epoch" in msg, msg
+    assert "dataset.val_fraction=0.15" in msg, msg
+
+
+def test_val_fraction_above_zero_is_accepted():
+    from tlbench.validation import validate
+
+    validate(Config(dataset=DatasetConfig(val_fraction=0.01)))

@@ -158,6 +158,12 @@ def _validate_dataset(d: DatasetConfig) -> None:
     _check_choice("dataset.augment", d.augment, AUGMENTS)
     _check_choice("dataset.class_weights", d.class_weights, ("none", "balanced"))
     _check_choice("dataset.on_bad_image", d.on_bad_image, ("error", "skip"))
+    if d.val_fraction <= 0:  # no dataset has an official validation split: 0 failed only after loading,
+        raise TlbenchError(  # with "0 of 1527 items is 0"
+            f"dataset.val_fraction={d.val_fraction!r} is out of range; it must be > 0: the validation split picks "
+            "the best epoch (checkpoints/best.pt, trainer.monitor, early stopping), so it needs items, e.g. "
+            "dataset.val_fraction=0.15. No dataset has an official validation split to use instead (chest_xray's "
+            "val/ folder joins the training pool)")
     _check_range("dataset.val_fraction", d.val_fraction, 0.0, 1.0)
     _check_range("dataset.test_fraction", d.test_fraction, 0.0, 1.0)
     if d.val_fraction + d.test_fraction >= 1.0:
