@@ -67,6 +67,7 @@ CASES = [
     C("lr-negative", "optim.lr=-0.1", expect=("optim.lr=-0.1", "> 0")),
     C("max-epochs-zero", "trainer.max_epochs=0", expect=("trainer.max_epochs=0", ">= 1")),
     C("val-fraction-above-1", "dataset.val_fraction=1.5", expect=("dataset.val_fraction=1.5", "<= 1")),
+    C("val-fraction-zero", "dataset.val_fraction=0", expect=("dataset.val_fraction=0.0", "> 0", "best epoch")),
     C("train-fraction-zero", "dataset.train_fraction=0", expect=("dataset.train_fraction=0.0", "> 0.0")),
     C("train-fraction-and-per-class", "dataset.train_fraction=0.5", "dataset.train_per_class=3",
       expect=("dataset.train_fraction=0.5 and dataset.train_per_class=3", "set one of them")),
@@ -91,8 +92,17 @@ CASES = [
     C("logger-not-a-list", *SMOKE, "logger=tensorboard", expect=("logger='tensorboard'", "logger=[tensorboard]")),
     C("quiet-and-verbose", *SMOKE, "--quiet", "--verbose", expect=("--quiet and --verbose contradict",)),
     C("step-gamma-negative", "sched=step", "sched.gamma=-1", expect=("sched.gamma=-1.0", "> 0")),
+    C("warmup-beyond-the-run", "sched=cosine", "sched.warmup_epochs=50", "trainer.max_epochs=3",
+      expect=("sched.warmup_epochs=50", "trainer.max_epochs=3", "from 0 to 2", "6% of optim.lr")),
     C("plateau-factor", "sched=plateau", "sched.factor=1.5", expect=("sched.factor=1.5", "< 1")),
     C("classes-on-fixed-dataset", "dataset.classes=[cat]", expect=("dataset.classes=['cat']", "sklearn_digits")),
+    C("root-on-default-dataset", "dataset.root={data}/cifar10",
+      expect=("dataset.root='{data}/cifar10'", "dataset=sklearn_digits (the default) reads no files",
+              "did you mean dataset=cifar10?", "image_folder")),
+    C("download-without-downloader", "dataset=image_folder", "dataset.root={data}/good", "dataset.download=true",
+      expect=("dataset.download=true", "image_folder has no downloader", "cifar10, emnist")),
+    C("split-without-variants", "dataset=cifar10", "dataset.split=balanced",
+      expect=("dataset.split='balanced'", "dataset=cifar10", "emnist")),
     C("groups-and-layer-decay", "freeze.groups=[stages.0*:1e-3]", "optim.layer_decay=0.5",
       expect=("freeze.groups", "optim.layer_decay=0.5")),
     # ------------------------------------------------------------------ sweeps (-m)
@@ -174,6 +184,9 @@ CASES = [
     C("positive-class-not-binary", *SMOKE, "eval.positive_class=7", expect=("eval.positive_class='7'", "10 classes")),
     C("topk-above-classes", *SMOKE, "eval.topk=[1,20]", expect=("eval.topk=[1, 20]", "10 classes")),
     C("topk-equals-classes", *SMOKE, "eval.topk=[1,10]", expect=("eval.topk=[1, 10]", "10 classes")),
+    C("image-folder-pre-split", *SMOKE, "dataset=image_folder", "dataset.root={data}/presplit",
+      expect=("all split names ('test', 'train')", "pre-split", "dataset.root at {data}/presplit/train",
+              "dataset=chest_xray")),
     C("chest-mixed-folders", *SMOKE, "dataset=chest_xray", "dataset.root={data}/chest_mixed",
       expect=("'extra'", "train")),
     C("chest-test-class-unknown", *SMOKE, "dataset=chest_xray", "dataset.root={data}/chest_badtest",
@@ -182,6 +195,10 @@ CASES = [
       expect=("{data}/hw_bad/Thai", "missing 7")),
     C("digits-no-languages", *SMOKE, "dataset=handwritten_digits", "dataset.root={data}/empty",
       expect=("{data}/empty", "language folders")),
+    C("digits-one-language", *SMOKE, "dataset=handwritten_digits", "dataset.root={data}/hw", "dataset.classes=[Thai]",
+      "dataset.task=language", expect=("task 'language'", "1 class ('Thai')", "at least 2", "dataset.task=digit")),
+    C("digits-one-language-multitask", *SMOKE, "dataset=handwritten_digits", "dataset.root={data}/hw",
+      "dataset.classes=[Thai]", "dataset.task=multitask", expect=("task 'language'", "at least 2")),
     C("digits-task-unknown", *SMOKE, "dataset=handwritten_digits", "dataset.root={data}/hw", "dataset.task=letter",
       expect=("'letter'", "'multitask'")),
     C("emnist-split-unknown", *SMOKE, "dataset=emnist", "dataset.root={data}/emnist", "dataset.split=balancd",
@@ -213,6 +230,8 @@ CASES = [
     C("eval-unknown-dataset-key", "eval", "{finished}", "dataset.nosuch=1", expect=("nosuch", "val_fraction")),
     C("eval-bad-dataset-value", "eval", "{finished}", "dataset.val_fraction=2", expect=("dataset.val_fraction=2",)),
     C("eval-task-unknown", "eval", "{finished}", "dataset.task=nosuchtask", expect=("nosuchtask", "'label'")),
+    C("eval-root-on-fixed-dataset-run", "eval", "{finished}", "dataset.root={data}/cifar10",
+      expect=("dataset.root='{data}/cifar10'", "{finished} was trained on dataset=sklearn_digits", "dataset.root=null")),
     C("compare-not-a-dir", "compare", "{w}/file.txt", expect=("{w}/file.txt", "not a directory")),
     C("compare-no-runs", "compare", "{data}/empty", "--out", "{tmp}/table.md", expect=("{data}/empty", "no run")),
     C("compare-unknown-by", "compare", "{finished}", "--by", "nosuchkey", expect=("'nosuchkey'", "--by")),
@@ -241,6 +260,7 @@ def _write_world(w: Path) -> None:
     fx.write_class_tree(data / "corrupt", {"cat": 3, "dog": 3}, modes=("L",))
     fx.write_corrupt(data / "corrupt" / "dog" / "broken.png")
     fx.write_chest_xray(data / "chest_mixed")
+    fx.write_chest_xray(data / "presplit")  # train/ + test/ of class folders: not image_folder's layout
     fx.write_image(data / "chest_mixed" / "extra" / "a.png", 0)
     fx.write_chest_xray(data / "chest_badtest", test={"Covid": 1, "Normal": 1, "Viral_Pneumonia": 1, "Alien": 1})
     fx.write_handwritten_digits(data / "hw", per_digit=2)

@@ -52,10 +52,15 @@ def build_everything(cfg: Config):
     (``model=cae``) has one task, ``reconstruction``, with no classes (its labels are not used).
     ``model.init_from`` is loaded here, before the freeze plan (``transfer.apply``)."""
     backbone = build_backbone(cfg.model)
-    bundle = build_data(cfg.dataset, backbone.input_spec, open_store(cfg.trainer.feature_store), seed=cfg.seed)
-    if is_reconstruction(cfg):
+    recon = is_reconstruction(cfg)
+
+    def check(tasks: dict, available: dict) -> None:  # eval.topk, eval.positive_class, 2+ classes per task
+        check_tasks(cfg, {RECON_TASK: []} if recon else tasks, available)
+
+    bundle = build_data(cfg.dataset, backbone.input_spec, open_store(cfg.trainer.feature_store), seed=cfg.seed,
+                        check=check)
+    if recon:
         bundle.tasks = {RECON_TASK: []}
-    check_tasks(cfg, bundle.tasks)  # eval.topk / eval.positive_class need the classes: before any training
     sample = torch.stack([bundle.train[i][0] for i in range(min(2, len(bundle.train)))])
     model = build_task_model(cfg.model, backbone, {t: len(n) for t, n in bundle.tasks.items()}, cfg.head, sample)
     apply_transfer(model, cfg, tuple(sample.shape[1:]))

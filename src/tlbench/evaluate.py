@@ -22,7 +22,7 @@ from .recon import objective, report_split as report_reconstruction
 from .record import EarlyLog, close_log, open_log
 from .tables import metric_name
 from .tracking import log_test_figures, save_confusion, write_json, write_predictions, write_report
-from .validation import from_dict, to_config, validate
+from .validation import check_dataset_keys, from_dict, to_config
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,12 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
         ckpt = load_checkpoint(best)
         log.info("checkpoint %s: epoch %s, config_hash %s", best, ckpt.get("epoch"), ckpt.get("config_hash"))
         saved = ckpt["config"]
-        ds = from_dict(DatasetConfig, {**saved["dataset"], **dataset_updates}, "dataset")
-        cfg = validate(dataclasses.replace(to_config(saved), dataset=ds))
+        merged = {**saved, "dataset": {**saved["dataset"], **dataset_updates}}
+        # the updated dataset first: its key/type errors name dataset.KEY, and a key its dataset does
+        # not read says so in terms of the run (a run recorded with a stray key: KEY=null clears it)
+        ds = from_dict(DatasetConfig, merged["dataset"], "dataset")
+        check_dataset_keys(ds, run_dir=run_dir)
+        cfg = to_config(merged)
         # the checkpoint holds every weight: do not look for pretrained files again
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None,
                                                                  init_from=None))

@@ -43,7 +43,7 @@ def build_plan(cfg):
     tasks, meta = plan_tasks(cfg.dataset)
     if is_reconstruction(cfg):
         tasks = {RECON_TASK: []}
-    check_tasks(cfg, tasks)
+    check_tasks(cfg, tasks, meta.tasks)
     sizes = {t: len(n) for t, n in tasks.items()}
     model = CAE(cfg.model, backbone) if is_reconstruction(cfg) else TLModel(backbone, sizes, cfg.head)
     if any(is_lazy(p) for p in model.parameters()):  # the mlp's first layer: sized by one forward

@@ -28,12 +28,14 @@ class Dataset:
     meta: str  # its function DatasetConfig -> DatasetMeta (tasks and classes, no image read)
     downloads: bool = False  # torchvision's downloader fetches it (dataset.download=true, tlbench download)
     folders: bool = False  # a tree of class folders: dataset.classes selects folders
+    files: bool = True  # reads files under dataset.root (sklearn_digits: embedded, reads none)
+    variants: bool = False  # dataset.split chooses one of its variants (EMNIST's balanced, letters, ...)
 
 
 DATASETS: dict[str, Dataset] = {
-    "sklearn_digits": Dataset("sklearn_digits", "load", "meta"),  # ships with scikit-learn
+    "sklearn_digits": Dataset("sklearn_digits", "load", "meta", files=False),  # ships with scikit-learn
     "cifar10": Dataset("cifar10", "load", "meta", downloads=True),
-    "emnist": Dataset("emnist", "load", "meta", downloads=True),
+    "emnist": Dataset("emnist", "load", "meta", downloads=True, variants=True),
     "handwritten_digits": Dataset("folders", "load_handwritten_digits", "meta_handwritten_digits", folders=True),
     "chest_xray": Dataset("folders", "load_chest_xray", "meta_chest_xray", folders=True),
     "image_folder": Dataset("folders", "load_image_folder", "meta_image_folder", folders=True),

@@ -15,6 +15,7 @@ from dataclasses import field
 from .config import (AUGMENTS, DATASETS, FOLDER_DATASETS, INIT_PARTS, LOGGERS, LOSSES, MONITORS,
                      OPTIMIZER_IMPLS, OPTIMIZERS, PIPELINES, PRECISIONS, SCHEDULERS, SWITCH_KEYS, SWITCHES,
                      Config, DatasetConfig, EvalConfig, OptimConfig, SchedConfig, is_reconstruction)
+from . import registry
 from .errors import TlbenchError, choices
 
 SCHEMAS: dict[type, type] = {}
@@ -157,6 +158,12 @@ def _validate_dataset(d: DatasetConfig) -> None:
     _check_choice("dataset.augment", d.augment, AUGMENTS)
     _check_choice("dataset.class_weights", d.class_weights, ("none", "balanced"))
     _check_choice("dataset.on_bad_image", d.on_bad_image, ("error", "skip"))
+    if d.val_fraction <= 0:  # no dataset has an official validation split: 0 failed only after loading,
+        raise TlbenchError(  # with "0 of 1527 items is 0"
+            f"dataset.val_fraction={d.val_fraction!r} is out of range; it must be > 0: the validation split picks "
+            "the best epoch (checkpoints/best.pt, trainer.monitor, early stopping), so it needs items, e.g. "
+            "dataset.val_fraction=0.15. No dataset has an official validation split to use instead (chest_xray's "
+            "val/ folder joins the training pool)")
     _check_range("dataset.val_fraction", d.val_fraction, 0.0, 1.0)
     _check_range("dataset.test_fraction", d.test_fraction, 0.0, 1.0)
     if d.val_fraction + d.test_fraction >= 1.0:
@@ -175,6 +182,58 @@ def _validate_dataset(d: DatasetConfig) -> None:
             "train_per_class=null)")
     _check_range("dataset.batch_size", d.batch_size, 1)
     _check_range("dataset.num_workers", d.num_workers, 0)
+    check_dataset_keys(d)
+
+
+def _readers(flag: str) -> list[str]:
+    """The datasets whose ``registry.DATASETS`` entry has ``flag`` set (they read the key)."""
+    return [n for n, e in registry.DATASETS.items() if getattr(e, flag)]
+
+
+def _guess(root: str, readers: list[str]) -> str | None:
+    """The dataset a root path names (``/data/cifar10`` -> ``cifar10``), if one does."""
+    def squash(text: str) -> str:
+        return "".join(c for c in text.lower() if c.isalnum())
+    named = [n for n in readers if squash(n) in squash(root)]
+    return max(named, key=len) if named else None
+
+
+def check_dataset_keys(d: DatasetConfig, run_dir=None) -> None:
+    """``dataset.root``, ``dataset.download`` and ``dataset.split`` set for a dataset that does
+    not read them (``registry.DATASETS``: ``files``, ``downloads``, ``variants``) used to be
+    ignored silently: ``dataset.root=/data/cifar10`` without ``dataset=cifar10`` trained on the
+    default digits. ``run_dir``: the run ``tlbench eval`` re-evaluates (the message says so)."""
+    name = d.name
+    entry = registry.DATASETS.get(name)
+    if entry is None:
+        return
+    cases = []
+    if d.root is not None and str(d.root).strip() and not entry.files:
+        readers = _readers("files")
+        why = "reads no files (its images ship with scikit-learn)" if name == "sklearn_digits" else "reads no files"
+        cases.append((f"dataset.root={d.root!r}", why, readers, _guess(str(d.root), readers), "dataset.root"))
+    if d.download and not entry.downloads:
+        why = ("has nothing to download (its images ship with scikit-learn)" if not entry.files
+               else "has no downloader (put its files under dataset.root yourself: docs/datasets.md)")
+        cases.append(("dataset.download=true", why, _readers("downloads"), None, "dataset.download"))
+    if d.split is not None and not entry.variants:
+        readers = _readers("variants")
+        cases.append((f"dataset.split={d.split!r}", "has no variants to choose (dataset.split picks one, e.g. "
+                      "EMNIST's balanced or letters)", readers, None, "dataset.split"))
+    if not cases:
+        return
+    setting, why, readers, guess, key = cases[0]
+    if run_dir is not None:
+        raise TlbenchError(
+            f"{setting} is set, but {run_dir} was trained on dataset={name}, which {why}, so it would be "
+            f"ignored and the run evaluated on {name} all the same; a run is evaluated on data of its own "
+            f"dataset ({key} applies to runs of {', '.join(readers)}). Leave {key} out, or set "
+            f"{key}={'null' if key != 'dataset.download' else 'false'}")
+    shown = f"dataset={name}" + (" (the default)" if name == DatasetConfig().name else "")
+    mean = f"; did you mean dataset={guess}?" if guess else "."
+    raise TlbenchError(
+        f"{setting} is set, but {shown} {why}, so it would be ignored{mean} Datasets that read {key}: "
+        f"{', '.join(readers)}. Choose one of them with dataset=NAME, or leave {key} out")
 
 
 def _validate_optim(o: OptimConfig, s: SchedConfig) -> None:
@@ -264,6 +323,14 @@ def _validate_more(cfg: Config) -> None:
                  why="the lr is multiplied by it on a plateau")
     _check_range("sched.patience", s.patience, 0)
     _check_range("sched.min_lr", s.min_lr, 0.0)
+    epochs = cfg.trainer.max_epochs
+    if s.name == "cosine" and s.warmup_epochs >= epochs:
+        peak = epochs / (s.warmup_epochs + 1)  # optim.lr x (epoch + 1) / (warmup_epochs + 1) while warming up
+        raise TlbenchError(
+            f"sched.warmup_epochs={s.warmup_epochs} is out of range for trainer.max_epochs={epochs}: the warmup "
+            f"raises the lr linearly and reaches optim.lr after warmup_epochs epochs, so the run would end "
+            f"still warming up (the lr peaks at {peak:.0%} of optim.lr) and never decay; use sched.warmup_epochs "
+            f"from 0 to {epochs - 1} (< trainer.max_epochs), or raise trainer.max_epochs above {s.warmup_epochs}")
     if f.groups and o.layer_decay is not None:
         raise TlbenchError(f"freeze.groups={list(f.groups)!r} and optim.layer_decay={o.layer_decay!r} both set block "
                            "learning rates; use one of them")
@@ -298,17 +365,25 @@ def _validate_task(cfg: Config) -> None:
                            "reconstruction run (model=cae) ignores labels: use dataset.class_weights=none")
 
 
-def check_tasks(cfg: Config, tasks: dict[str, list[str]]) -> None:
+def check_tasks(cfg: Config, tasks: dict[str, list[str]], available: dict[str, list[str]] | None = None) -> None:
     """Checks that need the dataset's tasks (``{task: class names}``), known once the data is
-    built; ``build.build_everything`` (data + model + freeze plan, used by train, eval and plan)
-    calls it right after ``build_data``, so before training.
+    read; ``build.build_everything`` (data + model + freeze plan, used by train and eval) has
+    ``build_data`` call it once the tasks are selected, before splitting and decoding, and
+    ``tlbench plan`` with the classes from the dataset's meta. ``available``: every task of the
+    dataset (a message suggests one of them), ``tasks`` when not given.
 
     - ``eval.topk``: a k (> 1) that is not smaller than the number of classes of any task would
       be dropped silently (top-k of k classes is always 1). The default ``[1, 3]`` is exempt:
       it reports top-3 where a task has more than 3 classes.
     - ``eval.positive_class``: must name a class of every binary task; with no binary task it
       means nothing.
+    - every task of a classifier has at least 2 classes (with one, every prediction is right:
+      it trained, scored 1.0 and exited 0); the folder loaders refuse fewer than 2 class folders
+      themselves, this catches the tasks they cannot judge (``handwritten_digits``' language
+      task with ``dataset.classes=[Thai]``) and any other dataset.
     """
+    if not is_reconstruction(cfg):
+        _need_two_classes(cfg, tasks, available or tasks)
     e = cfg.eval
     sizes = ", ".join(f"task {t!r} has {len(n)} classes" for t, n in tasks.items())
     if tuple(e.topk) != EvalConfig().topk:
@@ -329,6 +404,26 @@ def check_tasks(cfg: Config, tasks: dict[str, list[str]]) -> None:
                 raise TlbenchError(
                     f"eval.positive_class={e.positive_class!r} is not a class of task {t!r}; choose one of "
                     f"{choices(names)}")
+
+
+def _need_two_classes(cfg: Config, tasks: dict[str, list[str]], available: dict[str, list[str]]) -> None:
+    d = cfg.dataset
+    for task, names in tasks.items():
+        if len(names) >= 2:
+            continue
+        found = f"{len(names)} class{'es' if len(names) != 1 else ''}" + (f" ({choices(names)})" if names else "")
+        fixes = []
+        if d.classes:
+            what = "language" if d.name == "handwritten_digits" else "class"
+            fixes.append(f"dataset.classes={list(d.classes)!r} keeps {len(names)} {what} folder{'s' * (len(names) != 1)} of "
+                         f"dataset={d.name}: list at least 2")
+        others = [t for t, n in available.items() if len(n) >= 2]
+        if others:
+            fixes.append(f"train {'the task' if len(others) == 1 else 'a task'} that has them: "
+                         + ", ".join(f"dataset.task={t} ({len(available[t])} classes)" for t in others))
+        raise TlbenchError(
+            f"task {task!r} of dataset={d.name} has {found}; a classifier needs at least 2 classes per task "
+            f"(with one, every prediction is right and the metrics mean nothing). {'; or '.join(fixes)}")
 
 
 def to_config(data: dict) -> Config:

@@ -191,13 +191,17 @@ def _make_splits(source: Source, splits: dict, tasks: list[str], cfg: DatasetCon
     return datasets, eval_tf, record
 
 
-def build_data(cfg: DatasetConfig, spec: InputSpec, store=None, seed: int = 0) -> DataBundle:
+def build_data(cfg: DatasetConfig, spec: InputSpec, store=None, seed: int = 0,
+               check: Callable[[dict, dict], None] | None = None) -> DataBundle:
     """Load, select tasks, split, transform. Pure: no training state involved. ``store``: where
     the tensor path keeps decoded file datasets (a ``store.FeatureStore``; None: not on disk).
     ``seed`` (the run's ``seed``) only chooses the training subset of ``dataset.train_fraction`` /
-    ``train_per_class``."""
+    ``train_per_class``. ``check(selected tasks, all tasks)`` (``{task: class names}``) runs
+    once the tasks are known, before splitting and decoding (``validation.check_tasks``)."""
     source = load_source(cfg)
     tasks = select_tasks(source, cfg.task)
+    if check is not None:
+        check({t: list(source.tasks[t]) for t in tasks}, source.tasks)
     strat = _stratify_labels(source, tasks)
     official = source.official_test if cfg.official_test else None
     pool = None

@@ -209,8 +209,37 @@ def _need_two(names: list[str], where: Path, cfg: DatasetConfig, layout: str) ->
 
 
 # ----------------------------------------------------------------------------- loaders
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")  # folder names that mean a split, not a class
+
+
+def _not_pre_split(root: Path) -> None:
+    """``image_folder`` learns its sub-folders as classes: a ``ROOT/train/`` + ``ROOT/test/`` tree
+    became a 2-class task 'test' vs 'train', without a warning. Refused when every folder there
+    is a split name (any case)."""
+    names = [d.name for d in subfolders(root)]
+    if not names or any(n.lower() not in SPLIT_NAMES for n in names):
+        return
+    train = next((n for n in names if n.lower() == "train"), names[0])
+    others = [n for n in names if n != train]
+    held = next((n for n in others if n.lower() == "test"), others[0] if others else None)
+    later = (f", and score the held-out folder afterwards with tlbench eval RUN_DIR split=all "
+             f"dataset.root={root / held}") if held else ""
+    chest = ("dataset=chest_xray, which reads this layout with any class names (train/ for training and "
+             "validation, test/ as the official test split, a val/ folder joins train)")
+    odd = [n for n in names if n.lower() not in SPLIT_DIRS]
+    if odd:
+        chest += f" once {choices(odd)} is renamed to val or test"
+    raise TlbenchError(
+        f"the folders under {root} are all split names ({choices(names)}), so dataset=image_folder would learn "
+        f"them as classes: {root} looks like a pre-split tree (ROOT/train/<class>/..., ROOT/test/<class>/...), "
+        f"and image_folder reads one folder of class folders and makes its own val and test splits. Point "
+        f"dataset.root at {root / train}{later}; or use {chest}"
+    )
+
+
 def _image_folder_layout(cfg: DatasetConfig) -> _Layout:
     root = dataset_root(cfg, FOLDER_LAYOUT, "dataset.download is not available for image folders.")
+    _not_pre_split(root)
     found = scan_classes(root, cfg, FOLDER_LAYOUT)
     names = select_names(list(found), cfg.classes, "class", root)
     _need_two(names, root, cfg, FOLDER_LAYOUT)
