@@ -332,3 +332,12 @@ def test_val_fraction_above_zero_is_accepted():
     from tlbench.validation import validate
 
     validate(Config(dataset=DatasetConfig(val_fraction=0.01)))
+
+
+def test_mirroring_characters_is_warned_about(cli, tmp_path):
+    """dataset.augment=flip on a dataset of digits/letters: a mirrored character is another one or
+    none; the run says so (a warning, not an error: a user may want it); without flips it does not."""
+    code, rd = cli("dataset.augment=flip", "trainer.max_epochs=1")
+    assert code == 0 and "mirrors images of dataset=sklearn_digits" in (rd / "train.log").read_text()
+    code, rd = cli("trainer.max_epochs=1", run_dir=tmp_path / "plain")
+    assert code == 0 and "mirrors images" not in (rd / "train.log").read_text()

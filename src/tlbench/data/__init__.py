@@ -32,6 +32,8 @@ from .transforms import build_transforms
 
 log = logging.getLogger(__name__)
 
+CHARACTERS = ("sklearn_digits", "emnist", "handwritten_digits")  # datasets of characters: never mirrored
+
 MATERIALIZE_BYTES = 1 << 30  # precompute a split's tensors when they take less than this
 
 
@@ -200,6 +202,9 @@ def build_data(cfg: DatasetConfig, spec: InputSpec, store=None, seed: int = 0,
     once the tasks are known, before splitting and decoding (``validation.check_tasks``)."""
     source = load_source(cfg)
     tasks = select_tasks(source, cfg.task)
+    if cfg.name in CHARACTERS and cfg.augment in ("flip", "flip_crop"):
+        log.warning("dataset.augment=%s mirrors images of dataset=%s: a mirrored digit or letter is often another "
+                    "character or none (the presets use dataset.augment=none here)", cfg.augment, cfg.name)
     if check is not None:
         check({t: list(source.tasks[t]) for t in tasks}, source.tasks)
     strat = _stratify_labels(source, tasks)
