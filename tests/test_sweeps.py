@@ -70,3 +70,21 @@ def test_optuna_sweeper_optimizes_validation(tmp_path):
     vals = [json.loads((tmp_path / "opt" / j / "results.json").read_text())["val"]["label"]["accuracy"]
             for j in ("0", "1")]
     assert best["best_value"] == max(vals)  # the objective is validation accuracy, never test
+
+
+def test_relaunch_in_another_order_prints_where_each_skipped_job_finished(tmp_path, capsys):
+    """A relaunch may number the jobs differently (here the values swapped): a skipped job's
+    summary names the folder that holds its results, not Hydra's folder for it this time."""
+    from pathlib import Path
+
+    assert _sweep(tmp_path) == 0
+    capsys.readouterr()
+    assert main(["-m", "optim.lr=0.001,0.01", "trainer.max_epochs=1", "trainer.progress=false",
+                 "trainer.limit_train_batches=4", f"hydra.sweep.dir={tmp_path / 'sweep'}"]) == 0
+    shown = [Path(ln.split(": ", 1)[1]) for ln in capsys.readouterr().out.splitlines()
+             if ln.startswith("run directory: ")]
+    assert shown == [(tmp_path / "sweep" / "1").resolve(), (tmp_path / "sweep" / "0").resolve()], shown
+    import yaml
+
+    lrs = [yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["optim"]["lr"] for d in shown]
+    assert lrs == [0.001, 0.01]

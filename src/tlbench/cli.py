@@ -204,7 +204,7 @@ def _make_task(debug: bool):
             if sweeping and cfg.sweep.skip_finished and not sweep_env:
                 from .record import sweep_job
 
-                cfg, results = sweep_job(cfg, run_dir, sweep_dir)
+                cfg, results, run_dir = sweep_job(cfg, run_dir, sweep_dir)  # a skipped job: where it finished
             else:
                 results = None
             if results is None and cfg.trainer.devices > 1 and not dist.launched():
