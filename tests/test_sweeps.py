@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import tlbench.run as run_mod
 from tlbench.cli import main
 
@@ -88,3 +90,37 @@ def test_relaunch_in_another_order_prints_where_each_skipped_job_finished(tmp_pa
 
     lrs = [yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["optim"]["lr"] for d in shown]
     assert lrs == [0.001, 0.01]
+
+
+SWEEP_SYNTAX = {
+    "list values": (["head.hidden=[32],[64]"], [["head.hidden=[32]"], ["head.hidden=[64]"]]),
+    "choice of lists": (["head.hidden=choice([32,16],[64])"], [["head.hidden=[32,16]"], ["head.hidden=[64]"]]),
+    "range": (["seed=range(0,3)"], [["seed=0"], ["seed=1"], ["seed=2"]]),
+    "glob": (["optim=glob(adam*)"], [["optim=adam"], ["optim=adamw"]]),
+    "comma lists": (["seed=0,1", "optim.lr=0.1,0.01"],
+                    [["seed=0", "optim.lr=0.1"], ["seed=0", "optim.lr=0.01"],
+                     ["seed=1", "optim.lr=0.1"], ["seed=1", "optim.lr=0.01"]]),
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEP_SYNTAX))
+def test_every_basic_sweeper_syntax_is_checked_job_by_job(name, tmp_path):
+    """Hydra's list-sweep syntax (``key=[32],[64]``), choice/range/glob and comma lists are all
+    accepted by the pre-sweep check (it once kept ``[32],[64]`` whole and refused it as ambiguous,
+    hinting at --multirun although -m was given), and expand to the jobs the sweeper runs."""
+    from tlbench.compose import compose, first_values, sweep_jobs, validate_argv
+
+    overrides, jobs = SWEEP_SYNTAX[name]
+    validate_argv(["-m", *overrides, f"hydra.sweep.dir={tmp_path / 's'}"])  # raises on a refusal
+    assert sweep_jobs(overrides) == jobs
+    assert first_values(overrides) == jobs[0]
+    if name == "list values":
+        assert [compose(j).head.hidden for j in jobs] == [(32,), (64,)]
+
+
+def test_a_glob_that_matches_nothing_is_refused():
+    from tlbench.compose import sweep_jobs
+    from tlbench.errors import TlbenchError
+
+    with pytest.raises(TlbenchError, match=r"'optim=glob\(zz\*\)' sweeps over no value"):
+        sweep_jobs(["optim=glob(zz*)"])

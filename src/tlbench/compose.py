@@ -95,28 +95,54 @@ def canonical(overrides: list[str]) -> list[str]:
     return [o[1:] if o.startswith("+experiment=") else o for o in overrides]
 
 
-def expand_sweep(overrides: list[str]) -> Optional[list[list[str]]]:
-    """All jobs of a ``-m`` sweep (basic sweeper syntax: ``a,b``, ``range()``, ``choice()``), to
-    validate them before any runs; a later value of a key replaces an earlier one, as in Hydra's
-    basic sweeper (the command line replaces a preset's axis). A syntax error is the user's (exit 2);
-    ``None`` when the sweep uses a sweeper plugin's own syntax (e.g. Optuna's ``interval()``), which
-    that plugin checks."""
+def parse_overrides(overrides: list[str]):
+    """The overrides as Hydra's sweepers read them (its own parser, with a config loader on
+    ``conf/`` so that ``group=glob(...)`` lists the group's options); a syntax error is the
+    user's (exit 2)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    store_schema()
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        return OverridesParser.create(config_loader=loader).parse_overrides(overrides)
     except HydraException as e:
         raise TlbenchError(f"bad override: {' '.join(str(e).split('See https')[0].split())}; "
                            f"write key=value, a sweep as key=a,b,c (no empty values)") from None
+
+
+def _values(o) -> list[str]:
+    """Every value of one swept override, as override strings (Hydra's basic sweeper's own
+    enumeration: ``a,b``, ``[1],[2]``, ``choice()``, ``range()``, ``glob()``, ``shuffle()``)."""
+    from hydra.errors import HydraException
+
+    key = o.get_key_element()
+    try:
+        values = [f"{key}={v}" for v in o.sweep_string_iterator()]
+    except HydraException as e:
+        raise TlbenchError(f"bad override {o.input_line!r}: {' '.join(str(e).split())}") from None
+    if not values:
+        raise TlbenchError(f"{o.input_line!r} sweeps over no value (a glob() that matches no option of "
+                           f"{key.lstrip('+~')}?); give at least one value")
+    return values
+
+
+def expand_sweep(overrides: list[str]) -> Optional[list[list[str]]]:
+    """All jobs of a ``-m`` sweep (basic sweeper syntax: ``a,b``, ``[1],[2]``, ``range()``,
+    ``choice()``, ``glob()``), to validate them before any runs; a later value of a key replaces
+    an earlier one, as in Hydra's basic sweeper (the command line replaces a preset's axis). A
+    syntax error is the user's (exit 2); ``None`` when the sweep uses a sweeper plugin's own syntax
+    (e.g. Optuna's ``interval()``), which that plugin checks."""
     axes: dict[str, list[str]] = {}
-    for o in parsed:
+    for o in parse_overrides(overrides):
         key = o.get_key_element()
         if o.is_sweep_override():
             if o.is_interval_sweep():
                 log.info("%s is swept by the sweeper plugin; it checks the values itself", key)
                 return None
-            axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            axes[key] = _values(o)
         else:
             axes[key] = [f"{key}={o.get_value_element_as_str()}"]
     return [list(job) for job in itertools.product(*axes.values())]
@@ -150,14 +176,15 @@ def validate_argv(argv: list[str]) -> None:
 
 
 def first_values(overrides: list[str]) -> list[str]:
-    """``key=a,b`` -> ``key=a``: one job's worth of overrides (to see the config's structure);
-    sweeper functions such as ``interval(...)`` are left out."""
+    """``key=a,b`` -> ``key=a``: one job's worth of overrides (to see the config's structure), each
+    sweep's first value as Hydra's parser enumerates it (so ``key=[1],[2]`` -> ``key=[1]``, and
+    ``choice()``, ``range()``, ``glob()`` alike); a sweeper plugin's ``interval(...)`` is left out."""
     out = []
-    for o in overrides:
-        key, _, val = o.partition("=")
-        if "(" in val:
-            continue
-        out.append(f"{key}={val.split(',')[0]}" if "," in val and "[" not in val else o)
+    for o in parse_overrides(overrides):
+        if not o.is_sweep_override():
+            out.append(o.input_line)
+        elif not o.is_interval_sweep():
+            out.extend(_values(o)[:1])
     return out
 
 
