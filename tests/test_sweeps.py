@@ -124,3 +124,58 @@ def test_a_glob_that_matches_nothing_is_refused():
 
     with pytest.raises(TlbenchError, match=r"'optim=glob\(zz\*\)' sweeps over no value"):
         sweep_jobs(["optim=glob(zz*)"])
+
+
+def test_a_job_whose_freeze_plan_fails_is_refused_before_the_first_job(tmp_path, monkeypatch, capsys):
+    """docs/presets.md: every job is checked before the first one starts, its model and freeze
+    plan included (job #1's index 5 does not exist in the cnn's 2 blocks): exit 2 naming that
+    job's overrides, nothing trained, no sweep folder."""
+    calls = []
+    monkeypatch.setattr(run_mod, "train", lambda *a, **k: calls.append(a))
+    code = main(["-m", "freeze=index", "freeze.trainable_layers=choice([0],[5])", "trainer.max_epochs=1",
+                 "trainer.progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and calls == [] and not (tmp_path / "sweep").exists()
+    assert "sweep job #1 of 2 (freeze=index freeze.trainable_layers=[5]" in err, err
+    assert "index 5 is out of range" in err and "No job was started" in err
+
+
+def test_jobs_that_share_model_and_freeze_settings_share_one_plan(monkeypatch):
+    """A seed x lr grid of the same model builds one plan per distinct (model, freeze, optim, ...)
+    setting, not one per job: big grids stay fast."""
+    from tlbench import plan
+    from tlbench.compose import compose, sweep_jobs
+
+    built = []
+    real = plan.build_plan
+    monkeypatch.setattr(plan, "build_plan", lambda cfg: built.append(cfg) or real(cfg))
+    jobs = [(j, compose(j)) for j in sweep_jobs(["seed=0,1,2", "trainer.max_epochs=1,2", "freeze=full,linear_probe"])]
+    assert len(jobs) == 12
+    assert plan.check_jobs(jobs) == 2 and len(built) == 2
+    assert {c.freeze.name for c in built} == {"full", "linear_probe"}
+
+
+def test_a_folder_dataset_only_the_slurm_nodes_see_is_not_checked_on_the_submit_host(tmp_path):
+    """With a SLURM launcher the jobs read dataset.root on their nodes: a folder missing here does
+    not refuse the sweep; with a local launcher it does (job #0 would fail the same way)."""
+    from tlbench import plan
+    from tlbench.compose import compose
+    from tlbench.errors import TlbenchError
+
+    job = ["dataset=image_folder", f"dataset.root={tmp_path / 'node_local'}"]
+    jobs = [(job, compose(job))]
+    assert plan.check_jobs(jobs, remote=True) == 0
+    with pytest.raises(TlbenchError, match=r"sweep job #0 of 1 \(dataset=image_folder"):
+        plan.check_jobs(jobs)
+
+
+def test_the_slurm_launcher_marks_the_jobs_remote(tmp_path):
+    _plugin("hydra_plugins.hydra_submitit_launcher")
+    from tlbench.compose import validate_argv
+    from tlbench.errors import TlbenchError
+
+    argv = ["-m", "dataset=image_folder", f"dataset.root={tmp_path / 'node_local'}", "seed=0,1",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    validate_argv([*argv, "hydra/launcher=slurm"])  # the nodes may have the folder: accepted
+    with pytest.raises(TlbenchError, match="sweep job #0 of 2"):
+        validate_argv(argv)

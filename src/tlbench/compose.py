@@ -171,8 +171,19 @@ def validate_argv(argv: list[str]) -> None:
         return
     hc = hydra_compose(first_values(overrides) + hydra_overrides, hydra_cfg=True)
     check_writable(Path(str(hc.hydra.sweep.dir)), "the sweep directory")
-    for job in sweep_jobs(overrides, hc) or []:
-        compose(job)
+    jobs = sweep_jobs(overrides, hc) or []
+    configs = [(job, _job_config(i, len(jobs), job)) for i, job in enumerate(jobs)]
+    from .plan import check_jobs  # lazy: torch and the model libraries
+
+    check_jobs(configs, remote="slurm" in str(hc.hydra.launcher.get("_target_", "")).lower())
+
+
+def _job_config(i: int, n: int, job: list[str]):
+    """One sweep job's Config; a refusal names the job."""
+    try:
+        return compose(job)
+    except TlbenchError as e:
+        raise TlbenchError(f"sweep job #{i} of {n} ({' '.join(job)}): {e}") from None
 
 
 def first_values(overrides: list[str]) -> list[str]:
