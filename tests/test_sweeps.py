@@ -179,3 +179,35 @@ def test_the_slurm_launcher_marks_the_jobs_remote(tmp_path):
     validate_argv([*argv, "hydra/launcher=slurm"])  # the nodes may have the folder: accepted
     with pytest.raises(TlbenchError, match="sweep job #0 of 2"):
         validate_argv(argv)
+
+
+@pytest.mark.parametrize("given_dir", [True, False])
+def test_an_interrupted_sweep_says_to_relaunch_the_same_command(tmp_path, monkeypatch, capsys, given_dir):
+    """Ctrl-C in job #0 of a 2-job sweep: trainer.resume=JOB_DIR would continue job #0 only; the
+    hint is the same -m command in the same sweep folder (pinned when Hydra chose it), which
+    then resumes job #0 and runs job #1."""
+    import shlex
+
+    from tlbench.engine import Interrupted
+
+    monkeypatch.chdir(tmp_path)
+    real = run_mod.train
+
+    def interrupted(cfg, run_dir, **kw):
+        raise Interrupted(2)
+
+    monkeypatch.setattr(run_mod, "train", interrupted)
+    argv = ["-m", "optim.lr=0.01,0.001", "trainer.max_epochs=1", "trainer.progress=false",
+            "trainer.limit_train_batches=4", *(["hydra.sweep.dir=sw"] if given_dir else [])]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    sweep = (tmp_path / "sw").resolve() if given_dir else next((tmp_path / "multirun").glob("*/*")).resolve()
+    assert f"(this job alone: tlbench trainer.resume={sweep / '0'})" in err, err
+    command = next(ln.strip() for ln in err.splitlines() if ln.strip().startswith("tlbench -m "))
+    again = shlex.split(command)[1:]
+    assert again == [*argv[:5], f"hydra.sweep.dir={sweep}"], again
+    monkeypatch.setattr(run_mod, "train", real)
+    assert main(again) == 0
+    assert all((sweep / job / "results.json").is_file() for job in ("0", "1"))

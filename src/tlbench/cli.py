@@ -176,7 +176,7 @@ def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
     store_schema()
     import hydra
 
-    task = _make_task(debug)
+    task = _make_task(debug, argv)
     entry = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(task)
     old = sys.argv
     sys.argv = [old[0] if old else "tlbench", *argv]
@@ -187,7 +187,7 @@ def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
     return 0
 
 
-def _make_task(debug: bool):
+def _make_task(debug: bool, argv: list[str]):
     def task(dcfg) -> Optional[float]:
         from hydra.core.hydra_config import HydraConfig
 
@@ -223,7 +223,7 @@ def _make_task(debug: bool):
             print(f"tlbench: error: {e}", file=sys.stderr)
             sys.exit(2)
         except _interrupt_types() as e:
-            print(f"tlbench: {e}; resume with: tlbench trainer.resume={run_dir}", file=sys.stderr)
+            print(f"tlbench: {e}; {_resume_hint(argv, hc, run_dir, sweep_dir, cfg)}", file=sys.stderr)
             sys.exit(128 + e.signum)
         if not world.main:
             return None
@@ -231,6 +231,21 @@ def _make_task(debug: bool):
         return _objective(results)
 
     return task
+
+
+def _resume_hint(argv: list[str], hc, run_dir: Path, sweep_dir: Optional[Path], cfg) -> str:
+    """How to continue after Ctrl-C. A run: ``trainer.resume=RUN_DIR``. A basic sweep (skipping
+    finished jobs): the same ``-m`` command in the same sweep folder, which skips the finished
+    jobs, resumes this one and runs the rest (``trainer.resume`` would continue this job only)."""
+    import shlex
+
+    job = f"tlbench trainer.resume={Path(run_dir).resolve()}"
+    basic = "BasicSweeper" in str(hc.sweeper.get("_target_", ""))
+    if sweep_dir is None or str(hc.mode) != "RunMode.MULTIRUN" or not basic or not cfg.sweep.skip_finished:
+        return f"resume with: {job}"
+    again = [a for a in argv if not a.startswith("hydra.sweep.dir=")] + [f"hydra.sweep.dir={Path(sweep_dir).resolve()}"]
+    return (f"continue the sweep (finished jobs are skipped, this one resumes, the rest run) with the same "
+            f"command:\n  tlbench {shlex.join(again)}\n(this job alone: {job})")
 
 
 def _objective(results: dict) -> float:
