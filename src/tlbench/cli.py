@@ -171,6 +171,7 @@ def _main(argv: list[str], debug: bool, allow_code: bool) -> int:
 def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
     argv = canonical(resume_overrides(argv))
     refuse_code(argv, allow_code)
+    check_hydra_modes(argv)
     if not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
         validate_argv(argv)
     store_schema()
@@ -185,6 +186,40 @@ def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
     finally:
         sys.argv = old
     return 0
+
+
+HYDRA_MODES = {"-m": "-m", "--multirun": "-m", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info", "-i": "--info",
+               "--shell-completion": "--shell-completion", "-sc": "--shell-completion", "--run": "--run", "-r": "--run"}
+
+
+def check_hydra_modes(argv: list[str]) -> None:
+    """Hydra takes one of -m, --cfg, --info, --shell-completion, --run (and --resolve only with
+    --cfg); it says so with a ValueError traceback (exit 1): refused here in one line (exit 2)."""
+    given = []
+    for a in argv:
+        flag = a.split("=", 1)[0]
+        mode = HYDRA_MODES.get(flag)
+        if mode and mode not in given:
+            given.append(mode)
+    if "--resolve" in argv and "--cfg" not in given and not {"--help", "-h"} & set(argv):
+        raise TlbenchError("--resolve only works with --cfg (e.g. tlbench --cfg job --resolve)")
+    if len(given) < 2:
+        return
+    hint = ""
+    if "-m" in given and "--cfg" in given:
+        import shlex
+
+        from .compose import first_values
+
+        overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+        flags = [a for a in argv if a not in overrides and HYDRA_MODES.get(a) != "-m"]
+        try:
+            hint = f"; e.g. the first job's config: tlbench {shlex.join(first_values(overrides) + flags)}"
+        except TlbenchError:
+            pass
+        hint = f". --cfg prints one run's config: drop -m and give one value per key{hint}"
+    raise TlbenchError(f"{' and '.join(given)} cannot be combined: give one of -m (a sweep), --cfg (print the "
+                       f"config), --info, --shell-completion, --run{hint}")
 
 
 def _make_task(debug: bool, argv: list[str]):
