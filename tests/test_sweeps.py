@@ -211,3 +211,21 @@ def test_an_interrupted_sweep_says_to_relaunch_the_same_command(tmp_path, monkey
     monkeypatch.setattr(run_mod, "train", real)
     assert main(again) == 0
     assert all((sweep / job / "results.json").is_file() for job in ("0", "1"))
+
+
+def test_an_unknown_launcher_lists_every_launcher_that_works():
+    """The options named are Hydra's, its installed plugins' and conf/'s (the message once listed
+    conf/'s 'slurm' only, although basic and joblib work), and each of them composes."""
+    import importlib.util
+
+    from tlbench.compose import group_options, hydra_compose
+    from tlbench.errors import TlbenchError
+
+    with pytest.raises(TlbenchError) as exc:
+        hydra_compose(["hydra/launcher=slurma"], hydra_cfg=True)
+    listed = group_options("hydra/launcher")
+    expected = {"basic", "slurm"} | ({"joblib"} if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") else set())
+    assert expected <= set(listed), listed
+    for name in listed:
+        assert f"'{name}'" in str(exc.value)
+        hydra_compose([f"hydra/launcher={name}"], hydra_cfg=True)

@@ -42,9 +42,7 @@ def hydra_message(e: Exception) -> str:
     missing = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", msg)
     if missing:
         group, name = missing.groups()
-        folder = conf_dir() / group
-        valid = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-        return f"{group}={name!r} is not a known {group}; choose one of {choices(valid)}"
+        return f"{group}={name!r} is not a known {group}; choose one of {choices(group_options(group))}"
     return " ".join(msg.split())
 
 
@@ -95,19 +93,35 @@ def canonical(overrides: list[str]) -> list[str]:
     return [o[1:] if o.startswith("+experiment=") else o for o in overrides]
 
 
+def _config_loader():
+    """Hydra's config loader on ``conf/`` with Hydra's own and its installed plugins' configs (what
+    a ``hydra.main`` run sees: ``hydra/launcher=joblib`` comes from the joblib plugin)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    store_schema()
+    return ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group that works: tlbench's ``conf/`` and, for ``hydra/...``
+    groups, Hydra's and the installed plugins' (``hydra/launcher``: basic, joblib, slurm, ...)."""
+    try:
+        return sorted(_config_loader().get_group_options(group))
+    except Exception:  # noqa: BLE001 - an error message must not fail: fall back to conf/
+        folder = conf_dir() / group
+        return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
 def parse_overrides(overrides: list[str]):
     """The overrides as Hydra's sweepers read them (its own parser, with a config loader on
     ``conf/`` so that ``group=glob(...)`` lists the group's options); a syntax error is the
     user's (exit 2)."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    store_schema()
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
     try:
-        return OverridesParser.create(config_loader=loader).parse_overrides(overrides)
+        return OverridesParser.create(config_loader=_config_loader()).parse_overrides(overrides)
     except HydraException as e:
         raise TlbenchError(f"bad override: {' '.join(str(e).split('See https')[0].split())}; "
                            f"write key=value, a sweep as key=a,b,c (no empty values)") from None
