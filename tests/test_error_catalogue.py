@@ -110,6 +110,12 @@ CASES = [
     C("sweep-unknown-option", "-m", "model=cnn,nosuchmodel", "hydra.sweep.dir={tmp}/sweep",
       expect=("nosuchmodel",)),
     C("sweep-empty-value", "-m", "seed=0,,1", "hydra.sweep.dir={tmp}/sweep", expect=("seed=0,,1",)),
+    C("sweep-and-cfg", "-m", "seed=0,1", "--cfg", "job", expect=("-m and --cfg cannot be combined", "first job's config: tlbench seed=0 ")),
+    C("resolve-without-cfg", "--resolve", expect=("--resolve only works with --cfg",)),
+    C("unknown-launcher", "-m", "seed=0,1", "hydra/launcher=slurma", "hydra.sweep.dir={tmp}/sweep",
+      expect=("hydra/launcher='slurma'", "'basic'", "'slurm'", "'submitit_local'")),
+    C("sweep-job-plan", "-m", "freeze=index", "freeze.trainable_layers=choice([0],[5])", "hydra.sweep.dir={tmp}/sweep",
+      expect=("sweep job #1 of 2", "freeze.trainable_layers=[5]", "index 5 is out of range")),
     # ------------------------------------------------------------------ models and weights
     C("arch-missing", *SMOKE[1:], "model=torchvision", "model.pretrained=false", expect=("model.arch",)),
     C("arch-unknown-torchvision", *SMOKE[1:], "model=torchvision", "model.arch=resnet9000", "model.pretrained=false",

@@ -173,12 +173,13 @@ def _main(argv: list[str], debug: bool, allow_code: bool) -> int:
 def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
     argv = canonical(resume_overrides(argv))
     refuse_code(argv, allow_code)
+    check_hydra_modes(argv)
     if not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
         validate_argv(argv)
     store_schema()
     import hydra
 
-    task = _make_task(debug)
+    task = _make_task(debug, argv)
     entry = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(task)
     old = sys.argv
     sys.argv = [old[0] if old else "tlbench", *argv]
@@ -189,7 +190,41 @@ def cmd_train(argv: list[str], debug: bool, allow_code: bool = False) -> int:
     return 0
 
 
-def _make_task(debug: bool):
+HYDRA_MODES = {"-m": "-m", "--multirun": "-m", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info", "-i": "--info",
+               "--shell-completion": "--shell-completion", "-sc": "--shell-completion", "--run": "--run", "-r": "--run"}
+
+
+def check_hydra_modes(argv: list[str]) -> None:
+    """Hydra takes one of -m, --cfg, --info, --shell-completion, --run (and --resolve only with
+    --cfg); it says so with a ValueError traceback (exit 1): refused here in one line (exit 2)."""
+    given = []
+    for a in argv:
+        flag = a.split("=", 1)[0]
+        mode = HYDRA_MODES.get(flag)
+        if mode and mode not in given:
+            given.append(mode)
+    if "--resolve" in argv and "--cfg" not in given and not {"--help", "-h"} & set(argv):
+        raise TlbenchError("--resolve only works with --cfg (e.g. tlbench --cfg job --resolve)")
+    if len(given) < 2:
+        return
+    hint = ""
+    if "-m" in given and "--cfg" in given:
+        import shlex
+
+        from .compose import first_values
+
+        overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+        flags = [a for a in argv if a not in overrides and HYDRA_MODES.get(a) != "-m"]
+        try:
+            hint = f"; e.g. the first job's config: tlbench {shlex.join(first_values(overrides) + flags)}"
+        except TlbenchError:
+            pass
+        hint = f". --cfg prints one run's config: drop -m and give one value per key{hint}"
+    raise TlbenchError(f"{' and '.join(given)} cannot be combined: give one of -m (a sweep), --cfg (print the "
+                       f"config), --info, --shell-completion, --run{hint}")
+
+
+def _make_task(debug: bool, argv: list[str]):
     def task(dcfg) -> Optional[float]:
         from hydra.core.hydra_config import HydraConfig
 
@@ -206,7 +241,7 @@ def _make_task(debug: bool):
             if sweeping and cfg.sweep.skip_finished and not sweep_env:
                 from .record import sweep_job
 
-                cfg, results = sweep_job(cfg, run_dir, sweep_dir)
+                cfg, results, run_dir = sweep_job(cfg, run_dir, sweep_dir)  # a skipped job: where it finished
             else:
                 results = None
             if results is None and cfg.trainer.devices > 1 and not dist.launched():
@@ -225,7 +260,7 @@ def _make_task(debug: bool):
             print(f"tlbench: error: {e}", file=sys.stderr)
             sys.exit(2)
         except _interrupt_types() as e:
-            print(f"tlbench: {e}; resume with: tlbench trainer.resume={run_dir}", file=sys.stderr)
+            print(f"tlbench: {e}; {_resume_hint(argv, hc, run_dir, sweep_dir, cfg)}", file=sys.stderr)
             sys.exit(128 + e.signum)
         if not world.main:
             return None
@@ -233,6 +268,21 @@ def _make_task(debug: bool):
         return _objective(results)
 
     return task
+
+
+def _resume_hint(argv: list[str], hc, run_dir: Path, sweep_dir: Optional[Path], cfg) -> str:
+    """How to continue after Ctrl-C. A run: ``trainer.resume=RUN_DIR``. A basic sweep (skipping
+    finished jobs): the same ``-m`` command in the same sweep folder, which skips the finished
+    jobs, resumes this one and runs the rest (``trainer.resume`` would continue this job only)."""
+    import shlex
+
+    job = f"tlbench trainer.resume={Path(run_dir).resolve()}"
+    basic = "BasicSweeper" in str(hc.sweeper.get("_target_", ""))
+    if sweep_dir is None or str(hc.mode) != "RunMode.MULTIRUN" or not basic or not cfg.sweep.skip_finished:
+        return f"resume with: {job}"
+    again = [a for a in argv if not a.startswith("hydra.sweep.dir=")] + [f"hydra.sweep.dir={Path(sweep_dir).resolve()}"]
+    return (f"continue the sweep (finished jobs are skipped, this one resumes, the rest run) with the same "
+            f"command:\n  tlbench {shlex.join(again)}\n(this job alone: {job})")
 
 
 def _objective(results: dict) -> float:

@@ -42,9 +42,7 @@ def hydra_message(e: Exception) -> str:
     missing = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", msg)
     if missing:
         group, name = missing.groups()
-        folder = conf_dir() / group
-        valid = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-        return f"{group}={name!r} is not a known {group}; choose one of {choices(valid)}"
+        return f"{group}={name!r} is not a known {group}; choose one of {choices(group_options(group))}"
     return " ".join(msg.split())
 
 
@@ -95,28 +93,70 @@ def canonical(overrides: list[str]) -> list[str]:
     return [o[1:] if o.startswith("+experiment=") else o for o in overrides]
 
 
-def expand_sweep(overrides: list[str]) -> Optional[list[list[str]]]:
-    """All jobs of a ``-m`` sweep (basic sweeper syntax: ``a,b``, ``range()``, ``choice()``), to
-    validate them before any runs; a later value of a key replaces an earlier one, as in Hydra's
-    basic sweeper (the command line replaces a preset's axis). A syntax error is the user's (exit 2);
-    ``None`` when the sweep uses a sweeper plugin's own syntax (e.g. Optuna's ``interval()``), which
-    that plugin checks."""
+def _config_loader():
+    """Hydra's config loader on ``conf/`` with Hydra's own and its installed plugins' configs (what
+    a ``hydra.main`` run sees: ``hydra/launcher=joblib`` comes from the joblib plugin)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    store_schema()
+    return ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group that works: tlbench's ``conf/`` and, for ``hydra/...``
+    groups, Hydra's and the installed plugins' (``hydra/launcher``: basic, joblib, slurm, ...)."""
+    try:
+        return sorted(_config_loader().get_group_options(group))
+    except Exception:  # noqa: BLE001 - an error message must not fail: fall back to conf/
+        folder = conf_dir() / group
+        return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def parse_overrides(overrides: list[str]):
+    """The overrides as Hydra's sweepers read them (its own parser, with a config loader on
+    ``conf/`` so that ``group=glob(...)`` lists the group's options); a syntax error is the
+    user's (exit 2)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        return OverridesParser.create(config_loader=_config_loader()).parse_overrides(overrides)
     except HydraException as e:
         raise TlbenchError(f"bad override: {' '.join(str(e).split('See https')[0].split())}; "
                            f"write key=value, a sweep as key=a,b,c (no empty values)") from None
+
+
+def _values(o) -> list[str]:
+    """Every value of one swept override, as override strings (Hydra's basic sweeper's own
+    enumeration: ``a,b``, ``[1],[2]``, ``choice()``, ``range()``, ``glob()``, ``shuffle()``)."""
+    from hydra.errors import HydraException
+
+    key = o.get_key_element()
+    try:
+        values = [f"{key}={v}" for v in o.sweep_string_iterator()]
+    except HydraException as e:
+        raise TlbenchError(f"bad override {o.input_line!r}: {' '.join(str(e).split())}") from None
+    if not values:
+        raise TlbenchError(f"{o.input_line!r} sweeps over no value (a glob() that matches no option of "
+                           f"{key.lstrip('+~')}?); give at least one value")
+    return values
+
+
+def expand_sweep(overrides: list[str]) -> Optional[list[list[str]]]:
+    """All jobs of a ``-m`` sweep (basic sweeper syntax: ``a,b``, ``[1],[2]``, ``range()``,
+    ``choice()``, ``glob()``), to validate them before any runs; a later value of a key replaces
+    an earlier one, as in Hydra's basic sweeper (the command line replaces a preset's axis). A
+    syntax error is the user's (exit 2); ``None`` when the sweep uses a sweeper plugin's own syntax
+    (e.g. Optuna's ``interval()``), which that plugin checks."""
     axes: dict[str, list[str]] = {}
-    for o in parsed:
+    for o in parse_overrides(overrides):
         key = o.get_key_element()
         if o.is_sweep_override():
             if o.is_interval_sweep():
                 log.info("%s is swept by the sweeper plugin; it checks the values itself", key)
                 return None
-            axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            axes[key] = _values(o)
         else:
             axes[key] = [f"{key}={o.get_value_element_as_str()}"]
     return [list(job) for job in itertools.product(*axes.values())]
@@ -145,19 +185,31 @@ def validate_argv(argv: list[str]) -> None:
         return
     hc = hydra_compose(first_values(overrides) + hydra_overrides, hydra_cfg=True)
     check_writable(Path(str(hc.hydra.sweep.dir)), "the sweep directory")
-    for job in sweep_jobs(overrides, hc) or []:
-        compose(job)
+    jobs = sweep_jobs(overrides, hc) or []
+    configs = [(job, _job_config(i, len(jobs), job)) for i, job in enumerate(jobs)]
+    from .plan import check_jobs  # lazy: torch and the model libraries
+
+    check_jobs(configs, remote="slurm" in str(hc.hydra.launcher.get("_target_", "")).lower())
+
+
+def _job_config(i: int, n: int, job: list[str]):
+    """One sweep job's Config; a refusal names the job."""
+    try:
+        return compose(job)
+    except TlbenchError as e:
+        raise TlbenchError(f"sweep job #{i} of {n} ({' '.join(job)}): {e}") from None
 
 
 def first_values(overrides: list[str]) -> list[str]:
-    """``key=a,b`` -> ``key=a``: one job's worth of overrides (to see the config's structure);
-    sweeper functions such as ``interval(...)`` are left out."""
+    """``key=a,b`` -> ``key=a``: one job's worth of overrides (to see the config's structure), each
+    sweep's first value as Hydra's parser enumerates it (so ``key=[1],[2]`` -> ``key=[1]``, and
+    ``choice()``, ``range()``, ``glob()`` alike); a sweeper plugin's ``interval(...)`` is left out."""
     out = []
-    for o in overrides:
-        key, _, val = o.partition("=")
-        if "(" in val:
-            continue
-        out.append(f"{key}={val.split(',')[0]}" if "," in val and "[" not in val else o)
+    for o in parse_overrides(overrides):
+        if not o.is_sweep_override():
+            out.append(o.input_line)
+        elif not o.is_interval_sweep():
+            out.extend(_values(o)[:1])
     return out
 
 

@@ -218,3 +218,41 @@ def plan_text(cfg, as_json: bool) -> str:
         d["prefix_cache"] = cache
         return json.dumps(d, indent=2)
     return plan_report(model, plan, False, tasks, meta.origin) + "\n" + "\n".join(_cache_lines(cache))
+
+
+# what build_plan reads; jobs that differ only elsewhere (seed, trainer, sched, ...) share a plan
+PLAN_SECTIONS = ("dataset", "model", "head", "freeze", "optim", "eval", "loss")
+
+
+def check_jobs(jobs, remote: bool = False) -> int:
+    """Build the plan of every job of a sweep (``[(overrides, Config), ...]``) before the first one
+    starts, as ``tlbench plan`` does (architecture on the meta device, no weights, no images), so a
+    model or freeze setting that only one job has (``freeze.trainable_layers=[5]`` on a model with
+    fewer blocks) is refused before job #0 trains, naming that job's overrides. Jobs with the same
+    :data:`PLAN_SECTIONS` share one plan. ``remote``: the jobs run on other machines (SLURM), so a
+    folder dataset missing here is not checked (its files may exist only there). Returns the
+    number of plans built."""
+    from pathlib import Path
+
+    from .config import FOLDER_DATASETS, to_dict
+    from .errors import TlbenchError
+
+    seen: set[str] = set()
+    built = 0
+    for i, (overrides, cfg) in enumerate(jobs):
+        d = to_dict(cfg)
+        key = json.dumps({k: d.get(k) for k in PLAN_SECTIONS}, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        if remote and cfg.dataset.name in FOLDER_DATASETS and not (cfg.dataset.root and Path(cfg.dataset.root).is_dir()):
+            continue
+        try:
+            build_plan(cfg)
+            built += 1
+        except TlbenchError as e:
+            raise TlbenchError(
+                f"sweep job #{i} of {len(jobs)} ({' '.join(overrides)}) cannot run: {e}. No job was started "
+                f"(every job's model and freeze plan is built before the first one); fix or drop that "
+                f"value") from None
+    return built

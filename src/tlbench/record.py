@@ -289,21 +289,24 @@ def sweep_job(cfg: Config, run_dir: Path, sweep_dir: Path):
     """Relaunching a sweep: a job whose config (full hash) already finished somewhere in
     ``sweep_dir`` is skipped (its results are returned); a job dir holding an unfinished run of
     the same config resumes; a job dir holding a run of another config is refused (exit 2,
-    naming the keys that differ): the sweep was changed, so it needs its own hydra.sweep.dir."""
+    naming the keys that differ): the sweep was changed, so it needs its own hydra.sweep.dir.
+    Returns ``(cfg, results or None, the folder that holds the job's results)``: for a skipped
+    job the folder it finished in, which need not be Hydra's folder for it (a relaunch may
+    number the jobs differently)."""
     want = config_hash(cfg)
     for other in sorted(Path(sweep_dir).rglob("config_hash")):
         done = other.parent / "results.json"
         if other.read_text().strip() == want and done.is_file():
             log.info("skipping: this config (hash %s) already finished in %s", want, other.parent)
-            return cfg, json.loads(done.read_text())
+            return cfg, json.loads(done.read_text()), other.parent.resolve()
     if is_fresh(run_dir) or cfg.trainer.resume:
-        return cfg, None
+        return cfg, None, run_dir
     diff = _differs(cfg, run_dir)
     if diff:
         raise TlbenchError(
             f"{run_dir} holds a job of an earlier sweep with another config (differs in: {diff}); nothing was "
             f"changed there. A changed sweep needs its own folder: add hydra.sweep.dir=NEW_DIR")
     log.info("resuming the unfinished job in %s", run_dir)
-    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume="auto")), None
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume="auto")), None, run_dir
 
 
