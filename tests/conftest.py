@@ -34,6 +34,20 @@ def _quiet_env(monkeypatch, tmp_path_factory):
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    _drop_closed_console_handlers()
+
+
+def _drop_closed_console_handlers() -> None:
+    """Hydra's job logging gives the root logger a console handler on the sys.stdout of the moment:
+    in a test, pytest's capture of that test, closed when it ends. A later in-process command that
+    logs (tlbench eval) would then print '--- Logging error ---' tracebacks. One process per
+    command (real use) never sees this; between tests such handlers are dropped."""
+    import logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if type(h) is logging.StreamHandler and getattr(h.stream, "closed", False):
+            root.removeHandler(h)
 
 
 @pytest.fixture
