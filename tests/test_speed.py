@@ -296,6 +296,7 @@ def test_a_graph_that_fails_to_compile_runs_eagerly(cli, monkeypatch):
 
 
 def _aot_backend(fail_forward: bool, fail_backward: bool, calls: list):
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     def compiler(which: str, fail: bool):
@@ -303,7 +304,7 @@ def _aot_backend(fail_forward: bool, fail_backward: bool, calls: list):
             calls.append(which)
             if fail:
                 raise RuntimeError(f"no {which} compiler here")
-            return gm
+            return make_boxed_func(gm)
         return go
 
     return aot_autograd(fw_compiler=compiler("forward", fail_forward), bw_compiler=compiler("backward", fail_backward))
