@@ -185,7 +185,20 @@ def table(rows: list[dict]) -> str:
                      f"{r['train_ips_first']:,.0f} | {r['train_ips']:,.0f} | {r['eval_ips']:,.0f} | {r['epoch_s']:.2f} | "
                      f"{r['wall_s']:.1f} | {prefix} | "
                      f"{r['data_wait_pct']:.1f} | {peak} | {util} | {r['test_accuracy']:.3f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ratios(rows))
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """Each ``X tensor`` case against its ``X loader`` twin, measured side by side in this run:
+    later-epoch train img/s and s/epoch as ratios (the machine's noise cancels in part)."""
+    done = {r["case"]: r for r in rows if "failed" not in r}
+    out = []
+    for name, r in done.items():
+        twin = done.get(name.replace(" tensor", " loader")) if name.endswith(" tensor") else None
+        if twin:
+            out.append(f"- {name.removesuffix(' tensor')}: tensor / loader path: train img/s "
+                       f"{r['train_ips'] / twin['train_ips']:.2f}x, s/epoch {r['epoch_s'] / twin['epoch_s']:.2f}x")
+    return ["", "Ratios (same run, same machine):", *out] if out else []
 
 
 def plan_checks(cases, common) -> None:
