@@ -151,3 +151,33 @@ def test_eval_folder_holds_what_the_readme_says(run):
     assert m["n"] == len(rows)
     assert m["accuracy"] == pytest.approx(sum(r["target"] == r["pred"] for r in rows) / len(rows), abs=1e-12)
     assert [int(r["index"]) for r in rows] == json.loads((out / "splits.json").read_text())["val"]
+
+
+# ----------------------------------------------------------------------------- faults while eval writes
+def test_an_eval_stopped_while_writing_leaves_the_previous_evaluation_whole(run, monkeypatch):
+    """A second evaluation into ``eval_<name>/`` that stops while writing (kill, full disk: here the
+    write of its results.json fails) leaves the previous evaluation byte-identical. It used to write
+    straight into the folder: new predictions/ and figures next to the old results.json (a kill -9
+    by hand left the predictions of val under the results.json of test, and check_run said OK)."""
+    import socket
+
+    assert _cli("eval", str(run), "split=test", "name=x") == 0
+    before = _snapshot(run / "eval_x")
+    real = evaluate.write_json
+
+    def full_disk(path, data):
+        if Path(path).name == "results.json":
+            raise OSError(27, "File too large")
+        real(path, data)
+
+    monkeypatch.setattr(evaluate, "write_json", full_disk)
+    with pytest.raises(OSError):
+        evaluate.evaluate_run(run, "val", {}, "x")
+    assert _snapshot(run / "eval_x") == before
+    assert not list(run.glob(".eval_x.partial-*")), "a failed evaluation removes its temp folder"
+    monkeypatch.setattr(evaluate, "write_json", real)
+    dead = run / f".eval_x.partial-{socket.gethostname()}-999999999"  # left by a kill -9
+    (dead / "predictions").mkdir(parents=True)
+    assert _cli("eval", str(run), "split=val", "name=x") == 0
+    assert json.loads((run / "eval_x" / "results.json").read_text())["split"] == "val"
+    assert not dead.exists(), "the temp folder of a killed evaluation is removed by the next one"

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +22,7 @@ from .errors import TlbenchError
 from .metrics import compute_metrics
 from .models.cae import RECON_TASK
 from .recon import objective, report_split as report_reconstruction
-from .record import EarlyLog, close_log, open_log
+from .record import EarlyLog, close_log, open_log, publish_dir
 from .tables import metric_name
 from .tracking import log_test_figures, save_confusion, write_json, write_predictions, write_report
 from .validation import check_dataset_keys, from_dict, to_config
@@ -98,11 +101,28 @@ def eval_dir(run_dir: Path, split: str, name: Optional[str]) -> Path:
     return out
 
 
+def _remove_dead_partials(run_dir: Path, name: str) -> None:
+    """The temp folders of evaluations into ``eval_<...>`` killed on this host (their process is gone)."""
+    host = socket.gethostname()
+    for p in run_dir.glob(f".{name}.partial-*"):
+        owner, _, pid = p.name[len(f".{name}.partial-"):].rpartition("-")
+        if owner != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optional[str] = None) -> Path:
     """Re-evaluate a run's best checkpoint on one split (optionally of another dataset root
     with the same classes) into ``run_dir/eval_<name>/``: results.json (the metrics under the
     split's name), predictions/, reports, figures/, splits.json and eval.log (every line this
-    evaluation logged, those before the folder existed included)."""
+    evaluation logged, those before the folder existed included). The folder is written whole into a
+    hidden temp folder beside it and then put in place of ``eval_<name>/`` in one step: a kill, a full
+    disk or a second evaluation at any moment leaves the previous evaluation or this one, never a mix."""
     import dataclasses
 
     if split not in ("train", "val", "test", "all"):
@@ -110,6 +130,7 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     run_dir = Path(run_dir)
     out = eval_dir(run_dir, split, name)  # a bad name= fails before anything is read or written
     early = EarlyLog().__enter__()  # held until eval.log exists; a refused evaluation writes no log
+    work = None  # the temp folder this evaluation is written into
     try:
         best = run_dir / "checkpoints" / "best.pt"
         log.info("tlbench eval %s: split=%s%s into %s", run_dir, split,
@@ -139,10 +160,12 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
         device = select_device(cfg.trainer.device)
         # only now, with the data and model built, is anything written into the run directory
         out = eval_dir(run_dir, split, name)  # again: the folder may have changed while the data was read
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.log").unlink(missing_ok=True)  # the log of the evaluation the folder holds, not of earlier ones
+        _remove_dead_partials(run_dir, out.name)
+        work = run_dir / f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
         early.__exit__()
-        early.flush_into(open_log(out, "eval.log"))
+        early.flush_into(open_log(work, "eval.log"))
         model.to(device)
         log.info("model: %s parameters (%s trained by the run); device %s", f"{plan.total:,}",
                  f"{plan.trainable_count:,}", device)
@@ -158,23 +181,28 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
             bundle.test = getattr(bundle, split)
         log.info("evaluating %s: %d items (dataset_fingerprint %s)", split, len(bundle.test), bundle.fingerprint)
         loader = make_loaders(bundle, cfg, device)["test"]
-        metrics = report_split(out, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
+        metrics = report_split(work, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
                                ecfg=cfg.eval, shown=split, model=model, objective=opts.objective)
-        write_json(out / "results.json", {
+        write_json(work / "results.json", {
             "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
             "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],
             "params": {"total": plan.total, "trainable": plan.trainable_count}, split: metrics,
         })
-        write_json(out / "splits.json", bundle.splits)
+        write_json(work / "splits.json", bundle.splits)
         n = next(iter(metrics.values()), {}).get("n")
         log.info("%s metrics (%s items):", split, n)
         for task, m in metrics.items():
             log.info("%s", _metric_line(task, m))
         log.info("written to %s: %s", out, ", ".join(sorted(
-            str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())))
+            str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())))
+        close_log(work, "eval.log")
+        publish_dir(work, eval_dir(run_dir, split, name))
+        work = None
     finally:
         early.__exit__()
-        close_log(out, "eval.log")
+        if work is not None:  # not finished: the previous evaluation (if any) stays as it was
+            close_log(work, "eval.log")
+            shutil.rmtree(work, ignore_errors=True)
     return out
 
 

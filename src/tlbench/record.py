@@ -57,11 +57,66 @@ def read_status(run_dir: Path) -> Optional[dict]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename: readers see the old or the new file."""
+    """Write via a temp file in the same folder + fsync + rename: readers (and a kill -9 or a full disk
+    at any moment) see the old or the new file, never a part of one; a failed write leaves no temp file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import ctypes.util
+    import errno
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def publish_dir(work: Path, out: Path) -> None:
+    """Put the complete folder ``work`` in place of ``out`` (``out`` may exist: it is replaced whole,
+    never mixed with ``work``'s files); readers see the old folder or the new one. ``work`` and ``out``
+    are in the same folder."""
+    import errno
+    import shutil
+
+    work, out = Path(work), Path(out)
+    try:
+        os.rename(work, out)  # out missing (or an empty folder)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if _exchange(work, out):  # work now holds the old folder
+            shutil.rmtree(work, ignore_errors=True)
+        else:  # two renames: between them only the old folder (under a hidden name) exists
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(work, out)
+            shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- before the start
