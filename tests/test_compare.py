@@ -323,3 +323,32 @@ def test_runs_scored_on_part_of_their_test_split_are_flagged(tmp_path):
     out = render(aggregate(collect_runs([tmp_path])[0]), "md")
     assert "model=cnn: 1 run(s) scored only part of their val/test splits (trainer.limit_eval_batches" in out
     assert f"{a} (64 of 270)" in out and f"{tmp_path / 'b'} (" not in out
+
+
+def test_a_failed_out_write_keeps_the_existing_file(sweep, tmp_path, monkeypatch, capsys):
+    """``--out FILE`` over an existing FILE: a write that fails half-way (kill, full disk: here a
+    character the encoding refuses after the table's first bytes) keeps FILE as it was, and leaves no
+    temp file. It used to truncate FILE first (``write_text``), so a failed or killed compare left it
+    empty. The same for ``--plot``."""
+    import tlbench.compare as cmp
+    import tlbench.plots as plots
+
+    out, png = tmp_path / "o" / "table.md", tmp_path / "o" / "curve.png"
+    assert compare_main([str(sweep), "--by", "model", "--out", str(out), "--plot", str(png)]) == 0
+    before, before_png = out.read_bytes(), png.read_bytes()
+    real = cmp.render
+    monkeypatch.setattr(cmp, "render", lambda *a, **k: real(*a, **k) + "\ud800")  # fails while writing
+    with pytest.raises(UnicodeEncodeError):
+        compare_main([str(sweep), "--out", str(out)])
+    assert out.read_bytes() == before
+    monkeypatch.setattr(cmp, "render", real)
+
+    def torn(path, **kw):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "figure", lambda *a, **k: type("F", (), {"savefig": staticmethod(torn)})())
+    with pytest.raises(OSError):
+        compare_main([str(sweep), "--by", "model", "--plot", str(png)])
+    assert png.read_bytes() == before_png
+    assert sorted(p.name for p in out.parent.iterdir()) == ["curve.png", "table.md"]

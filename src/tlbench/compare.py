@@ -371,7 +371,9 @@ def compare_main(argv: list[str]) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        from .record import atomic_write_text
+
+        atomic_write_text(out, text)  # an existing FILE is replaced whole or kept, never truncated
         print(f"wrote {out} ({len(rows)} groups, {len(runs)} runs, {len(problems)} not finished)")
     else:
         sys.stdout.write(text)

@@ -6,6 +6,7 @@ the interval as a band (a label-efficiency curve). Rows and labels come from ``t
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,5 +227,11 @@ def plot(rows: Sequence[Row], path, errorbar: str = "ci", size: str = "two", xsc
                                 "svg.hashsalt": "tlbench"}):
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(p, dpi=300, metadata={"Date": None} if p.suffix.lower() in (".svg", ".pdf") else None)
+            tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp{p.suffix}")  # the suffix picks the format
+            try:  # an existing file is replaced whole or kept, never left half-written
+                fig.savefig(tmp, dpi=300, metadata={"Date": None} if p.suffix.lower() in (".svg", ".pdf") else None)
+                os.replace(tmp, p)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
     return paths[0] if len(paths) == 1 and not isinstance(path, (list, tuple)) and "," not in str(path) else paths
