@@ -403,3 +403,40 @@ def test_a_signal_outside_the_epochs_is_recorded_and_resumable(tmp_path, monkeyp
     assert main([f"trainer.resume={rd}"]) == 0 and status(rd)["state"] == "finished"
     a, b = results(rd), results(tmp_path / "whole")
     assert a["test"] == b["test"] and a["val"] == b["val"]
+
+
+def test_a_full_disk_at_the_end_is_a_failed_status_and_resumes_exact(finished, tmp_path, monkeypatch, capsys):
+    """The disk fills up during the final evaluation (a tmpfs of 1.4 MB by hand): no new file can be
+    created, so status.json could not be replaced and stayed ``running``, and TensorBoard's failed
+    flush turned into ``AttributeError: 'NoneType' object has no attribute 'close'`` over the real
+    error. Now: status ``failed`` naming the full disk (written in place when no temp file fits), the
+    checkpoints intact, and a resume once there is room gives the uninterrupted numbers."""
+    import errno
+
+    import tlbench.evaluate as evaluate
+    import tlbench.record as record
+    from torch.utils.tensorboard import SummaryWriter
+
+    full = {"on": False}
+
+    def no_space(*a, **k):
+        full["on"] = True
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_atomic, real_flush = record.atomic_write_text, SummaryWriter.flush
+    monkeypatch.setattr(evaluate, "write_report", no_space)
+    monkeypatch.setattr(record, "atomic_write_text",
+                        lambda *a: no_space() if full["on"] else real_atomic(*a))
+    monkeypatch.setattr(SummaryWriter, "flush", lambda self: no_space() if full["on"] else real_flush(self))
+    rd = tmp_path / "full"
+    assert main([*SHORT, f"hydra.run.dir={rd}", "trainer.progress=false"]) not in (0, None)
+    err = capsys.readouterr().err
+    assert "OSError: [Errno 28] No space left on device" in err and "AttributeError" not in err
+    s = status(rd)
+    assert s["state"] == "failed" and "No space left on device" in s["message"] and s["epoch"] == 2
+    assert torch.load(rd / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+    assert not (rd / "results.json").exists()
+    monkeypatch.undo()
+    assert main([f"trainer.resume={rd}", "trainer.progress=false"]) == 0
+    assert status(rd)["state"] == "finished"
+    assert results(rd)["test"] == results(finished)["test"]

@@ -45,7 +45,18 @@ def write_status(run_dir: Path, state: str, message: str = "", epoch: Optional[i
     data = {"state": state, "message": message, "epoch": epoch, "step": step,
             "pid": os.getpid(), "host": socket.gethostname(),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_text(Path(run_dir) / STATUS, json.dumps(data, indent=2) + "\n")
+    text = json.dumps(data, indent=2) + "\n"
+    try:
+        atomic_write_text(Path(run_dir) / STATUS, text)
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # a full disk has no room for a second file, but truncating status.json frees what this one needs:
+        # a status written in place beats one that says "running" for a run that is over
+        with open(Path(run_dir) / STATUS, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def read_status(run_dir: Path) -> Optional[dict]:

@@ -106,8 +106,9 @@ class Tracker:
         self.backends = []
         if self.writer:
             self._tb(self.writer.flush)
+        if self.writer:  # a flush that failed (full disk) switched the writer off
             self._tb(self.writer.close)
-            self.writer = None
+        self.writer = None
 
 
 def write_predictions(path: Path, indices, targets, preds, probs, class_names, relpaths=None) -> None:
