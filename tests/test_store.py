@@ -106,3 +106,24 @@ def test_keys_and_digests_change_with_their_inputs():
 def test_no_root_means_no_disk(tmp_path):
     arr, reused = FeatureStore(None).get_or_create("k", _arr)
     assert not reused and np.array_equal(arr, _arr())
+
+
+def test_a_failed_or_killed_write_leaves_no_temp_folder(tmp_path):
+    """A write that fails (full disk) removed nothing: its partial temp folder, as large as the entry,
+    stayed and kept the disk full; neither was a killed writer's ever removed. Now a failed write
+    removes its own, and the next writer (holding the key's lock) removes a killed writer's."""
+    store = FeatureStore(tmp_path)
+
+    def no_space(path):
+        Path(path).write_bytes(b"\\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        store.get_or_create("k", _arr, fill=no_space)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    killed = tmp_path / ".k.999999999.tmp"  # a writer killed by kill -9
+    killed.mkdir()
+    (killed / "features.npy").write_bytes(b"partial")
+    a, reused = store.get_or_create("k", _arr)
+    assert not reused and np.array_equal(a, _arr())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]

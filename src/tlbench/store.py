@@ -145,14 +145,22 @@ class FeatureStore:
         self._write_file(key, lambda path: np.save(path, np.ascontiguousarray(arr)), parts)
 
     def _write_file(self, key: str, fill: Callable[[Path], None], parts: dict) -> None:
+        # called with the key's lock held: any other temp folder of this key is a killed writer's, and a
+        # partial features file can be as large as the entry (it would keep a full disk full)
+        for old in self.root.glob(f".{key}.*.tmp"):
+            shutil.rmtree(old, ignore_errors=True)
         tmp = self.root / f".{key}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        fill(tmp / "features.npy")
-        arr = np.load(tmp / "features.npy", mmap_mode="r")
-        meta = {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": (tmp / "features.npy").stat().st_size,
-                "sha256": _file_sha256(tmp / "features.npy"), "parts": parts, "created": time.time()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        try:
+            fill(tmp / "features.npy")
+            arr = np.load(tmp / "features.npy", mmap_mode="r")
+            meta = {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": (tmp / "features.npy").stat().st_size,
+                    "sha256": _file_sha256(tmp / "features.npy"), "parts": parts, "created": time.time()}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            del arr
+        except BaseException:  # a full disk, a signal: no half-written entry left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         final = self.entry(key)
         if final.exists():  # a damaged one that _load rejected, or a racing writer's
             shutil.rmtree(final, ignore_errors=True)
