@@ -352,3 +352,19 @@ def test_a_failed_out_write_keeps_the_existing_file(sweep, tmp_path, monkeypatch
         compare_main([str(sweep), "--by", "model", "--plot", str(png)])
     assert png.read_bytes() == before_png
     assert sorted(p.name for p in out.parent.iterdir()) == ["curve.png", "table.md"]
+
+
+def test_a_killed_run_is_not_listed_as_running(sweep):
+    """After a kill -9 a run's status.json still says ``running`` (nothing can write at a kill -9), and
+    compare listed it as ``running`` as if it were training. Now it says its process is gone and how to
+    resume; a live run (here this process) is still just ``running``."""
+    import socket
+
+    for name, pid in (("7", 999999999), ("8", os.getpid())):
+        d = make_run(sweep, name, seed=int(name), results=False, last=True)
+        (d / "status.json").write_text(json.dumps({"state": "running", "message": "epoch 1 of 2 saved", "epoch": 1,
+                                                   "step": 4, "pid": pid, "host": socket.gethostname()}))
+    lines = {p.path.name: p.line() for p in collect_runs([sweep])[1]}
+    assert f"running after epoch 1, but its process 999999999 is gone (killed?): tlbench trainer.resume={sweep / '7'}" \
+        in lines["7"]
+    assert "(running after epoch 1; has last.pt: yes)" in lines["8"]

@@ -39,9 +39,27 @@ class Problem:
             msg = " ".join(str(self.status.get("message") or "").split())
             if self.status.get("state") in ("failed", "diverged") and msg:
                 state += f": {msg if len(msg) <= 120 else msg[:117] + '...'}"
+            if self.status.get("state") == "running" and _gone(self.status):
+                state += f", but its process {self.status['pid']} is gone (killed?): tlbench trainer.resume={self.path}"
             state += "; "
         text = f"not finished: {self.path} ({state}has last.pt: {'yes' if self.has_last else 'no'})"
         return f"{text} - {self.reason}" if self.reason else text
+
+
+def _gone(status: dict) -> bool:
+    """A ``running`` status whose process (on this host) no longer exists: a kill -9, a crash, a reboot."""
+    import socket
+
+    pid = status.get("pid")
+    if not isinstance(pid, int) or status.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _natural(path: Path):
