@@ -83,6 +83,46 @@ def test_save_keeps_the_previous_copy(tmp_path):
     assert torch.load(checkpoint.previous_path(path), weights_only=True)["epoch"] == 2
 
 
+def test_a_full_disk_while_saving_says_so_and_keeps_both_copies(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full, ``ulimit -f``: here every write after the first 4 KiB) used
+    to end the run with torch's ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``,
+    which does not say what happened. Now an OSError naming the errno and the file; last.pt and
+    last.prev.pt stay as they were, and no temp file is left."""
+    import errno
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic(_ckpt(1), path)
+    checkpoint.save_atomic(_ckpt(2), path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            self.n += len(data)
+            if self.n > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda *a, **k: Full(real(*a, **k)))
+    big = {**_ckpt(3), "w": torch.zeros(100_000)}
+    with pytest.raises(OSError, match=r"No space left on device .*last\.pt") as e:
+        checkpoint.save_atomic(big, path)
+    assert e.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_a_torn_current_file_is_not_kept_as_the_previous_copy(tmp_path):
     path = tmp_path / "last.pt"
     checkpoint.save_atomic(_ckpt(1), path)

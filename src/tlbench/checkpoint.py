@@ -120,6 +120,23 @@ def _keep_previous(path: Path) -> None:
         os.replace(path, prev)
 
 
+class _Writes:
+    """A file for ``torch.save`` that remembers the first write error (a full disk, ``ulimit -f``)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def save_atomic(obj: dict, path: Path, keep_previous: bool = True) -> None:
     """Write ``obj`` to ``path`` so that readers only ever see a complete file; the file it
     replaces becomes ``<name>.prev.pt`` (``keep_previous``). The file gets the permissions the
@@ -129,7 +146,14 @@ def save_atomic(obj: dict, path: Path, keep_previous: bool = True) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            out = _Writes(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError as e:  # torch reports a failed write as "unexpected pos": say what failed
+                if out.error is None:
+                    raise
+                raise OSError(out.error.errno, f"{out.error.strerror} (the checkpoint was not written; "
+                              f"the previous copy is kept)", str(path)) from e
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
