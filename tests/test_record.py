@@ -440,3 +440,28 @@ def test_a_full_disk_at_the_end_is_a_failed_status_and_resumes_exact(finished, t
     assert main([f"trainer.resume={rd}", "trainer.progress=false"]) == 0
     assert status(rd)["state"] == "finished"
     assert results(rd)["test"] == results(finished)["test"]
+
+
+def test_results_json_is_written_durably_or_not_at_all(tmp_path, monkeypatch):
+    """results.json / metrics.csv were renamed into place without an fsync (after a power cut the new
+    name can point at an empty file) and a failed write left ``results.json.tmp`` behind. Now the temp
+    file is fsynced before the rename; a write that fails keeps the old file and leaves no temp file."""
+    import errno
+
+    import tlbench.record as record
+    from tlbench.tracking import write_json
+
+    path = tmp_path / "results.json"
+    write_json(path, {"test": 1})
+    synced = []
+    monkeypatch.setattr(record.os, "fsync", lambda fd: synced.append(fd))
+    write_json(path, {"test": 2})
+    assert synced and json.loads(path.read_text()) == {"test": 2}
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record.os, "fsync", no_space)
+    with pytest.raises(OSError):
+        write_json(path, {"test": 3})
+    assert json.loads(path.read_text()) == {"test": 2} and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

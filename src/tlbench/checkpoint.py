@@ -153,7 +153,7 @@ def save_atomic(obj: dict, path: Path, keep_previous: bool = True) -> None:
                 if out.error is None:
                     raise
                 raise OSError(out.error.errno, f"{out.error.strerror} (the checkpoint was not written; "
-                              f"the previous copy is kept)", str(path)) from e
+                              f"the file it would replace is kept)", str(path)) from e
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -150,9 +149,10 @@ def save_confusion(run_dir: Path, task: str, cm, class_names, tracker: Tracker |
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+    """Atomically and durably (temp file + fsync + rename; a failed write leaves the old file and no temp)."""
+    from .record import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=False))
 
 
 def log_test_figures(run_dir: Path, task: str, c: dict, names, dataset, tracker, ecfg, prefix: str = "",
@@ -230,6 +230,6 @@ def write_epochs_csv(path: Path, history: list[dict]) -> None:
             row += [h[s]["task_loss"][t] for s in ("train", "val") for t in tasks]
         row += [h["lr"].get(g) for g in groups] + [h["train_seconds"], h["val_seconds"]]
         w.writerow([f"{v:.8g}" if isinstance(v, float) else v for v in row])
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    from .record import atomic_write_text
+
+    atomic_write_text(Path(path), buf.getvalue())
