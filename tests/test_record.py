@@ -111,6 +111,27 @@ def test_resume_of_a_finished_run_with_another_config_is_refused(finished, capsy
     assert tree(finished) == before
 
 
+def test_a_resume_that_fails_in_the_build_changes_nothing(interrupted, monkeypatch, capsys):
+    """An error found after the checks, while the run is built under the lock (here: the data are
+    gone since the interruption), refuses the resume of an existing run without touching it:
+    status.json stays `interrupted` (never `failed`), no log line, no .hydra/ rewrite; the run is
+    still resumable. Only a new run directory gets a `failed` status.json."""
+    import tlbench.run as run_mod
+    from tlbench.errors import TlbenchError
+
+    def gone(cfg):
+        raise TlbenchError("dataset.root: /data/moved does not exist")
+
+    before = tree(interrupted)
+    with monkeypatch.context() as mp:
+        mp.setattr(run_mod, "build_everything", gone)
+        assert main([f"trainer.resume={interrupted}"]) == 2
+    assert "/data/moved does not exist" in capsys.readouterr().err
+    assert tree(interrupted) == before
+    assert status(interrupted)["state"] == "interrupted"
+    assert main([f"trainer.resume={interrupted}"]) == 0
+
+
 # ----------------------------------------------------------------------------- 2. no debris
 @pytest.mark.parametrize("bad", [
     ("dataset=image_folder", "dataset.root=/nonexistent/folder"),
@@ -223,6 +244,28 @@ def test_status_of_a_finished_run(finished):
     s = status(finished)
     assert s["state"] == "finished" and s["epoch"] == 2
     assert s["step"] == sum(-(-e["train"]["n"] // 128) for e in results(finished)["epochs"])
+
+
+def test_status_is_written_atomically(tmp_path, monkeypatch):
+    """status.json is replaced whole (temp file + rename): a write torn mid-way (the process killed
+    while writing) leaves the previous status readable, never a truncated file."""
+    from tlbench.record import read_status, write_status
+
+    write_status(tmp_path, "running", "epoch 1 of 2 saved", 1, 5)
+    real = Path.write_text
+
+    def torn(self, data, *a, **k):
+        real(self, data[: len(data) // 2], *a, **k)
+        raise KeyboardInterrupt  # killed mid-write
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Path, "write_text", torn)
+        with pytest.raises(KeyboardInterrupt):
+            write_status(tmp_path, "finished", "", 2, 10)
+    s = read_status(tmp_path)
+    assert s is not None and s["state"] == "running" and s["epoch"] == 1
+    write_status(tmp_path, "finished", "", 2, 10)
+    assert read_status(tmp_path)["state"] == "finished"
 
 
 # ----------------------------------------------------------------------------- 7. impossible output paths
