@@ -342,6 +342,27 @@ def test_finite_blow_up_is_recorded_as_diverged(cli, tmp_path, monkeypatch, caps
     assert code == 0  # the check can be turned off
 
 
+def test_a_slow_blow_up_is_measured_against_epoch_1(cli, tmp_path, monkeypatch, capsys):
+    """The factor compares with epoch 1's loss, not the previous epoch's: losses 1, 30, 900 under
+    divergence_factor=100 never grow 100x in one epoch, but epoch 3's is 900x epoch 1's."""
+    import tlbench.engine as engine
+
+    orig, losses = engine.run_epoch, iter([1.0, 30.0, 900.0])
+
+    def creeping(model, loader, tasks, opts, optimizer=None, *a, **k):
+        r = orig(model, loader, tasks, opts, optimizer, *a, **k)
+        if optimizer is not None:
+            r.loss = next(losses)
+        return r
+
+    monkeypatch.setattr(engine, "run_epoch", creeping)
+    code, rd = cli("trainer.max_epochs=3", "trainer.batch_size=128", "trainer.divergence_factor=100",
+                   run_dir=tmp_path / "creep")
+    assert code == 2
+    assert "training loss of epoch 3" in capsys.readouterr().err
+    assert status(rd)["state"] == "diverged"
+
+
 # ----------------------------------------------------------------------------- 12. no code from overrides
 @pytest.mark.parametrize("override", ["+hydra.callbacks.x._target_=builtins.print",
                                       "hydra.sweeper._target_=os.system",
