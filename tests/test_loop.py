@@ -123,6 +123,33 @@ def test_best_checkpoint_is_chosen_on_validation(cli):
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == res["best_epoch"]
 
 
+@pytest.mark.parametrize("monitor,values", [("val/accuracy", [0.5, 0.9, 0.7, 0.8]),
+                                            ("val/loss", [0.9, 0.3, 0.5, 0.4])])
+def test_best_checkpoint_follows_the_monitored_curve_not_the_last_epoch(cli, monkeypatch, monitor, values):
+    """A real run's validation curve often improves every epoch, so best == last and a loop that
+    saved best.pt every epoch (or compared in the wrong direction) would pass the test above. Here
+    the monitored value peaks at epoch 2 of 4: best.pt must be epoch 2, in both directions; and the
+    value the loop monitors is computed from the validation epoch it records."""
+    import tlbench.engine as engine
+
+    real, seen, forced = engine.monitor_value, [], iter(values)
+
+    def forced_curve(mon, val):
+        seen.append(real(mon, val))
+        return next(forced)
+
+    monkeypatch.setattr(engine, "monitor_value", forced_curve)
+    code, run = cli("trainer.max_epochs=4", f"trainer.monitor={monitor}")
+    assert code == 0
+    res = results(run)
+    assert res["best_epoch"] == 2
+    ckpts = run / "checkpoints"
+    assert torch.load(ckpts / "best.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(ckpts / "last.pt", weights_only=True)["epoch"] == 4
+    recorded = [e["val"]["loss"] if monitor == "val/loss" else e["val"]["accuracy"]["label"] for e in res["epochs"]]
+    assert seen == pytest.approx(recorded, rel=1e-12)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     from tlbench.checkpoint import save_atomic
 

@@ -111,6 +111,27 @@ def test_resume_of_a_finished_run_with_another_config_is_refused(finished, capsy
     assert tree(finished) == before
 
 
+def test_a_resume_that_fails_in_the_build_changes_nothing(interrupted, monkeypatch, capsys):
+    """An error found after the checks, while the run is built under the lock (here: the data are
+    gone since the interruption), refuses the resume of an existing run without touching it:
+    status.json stays `interrupted` (never `failed`), no log line, no .hydra/ rewrite; the run is
+    still resumable. Only a new run directory gets a `failed` status.json."""
+    import tlbench.run as run_mod
+    from tlbench.errors import TlbenchError
+
+    def gone(cfg):
+        raise TlbenchError("dataset.root: /data/moved does not exist")
+
+    before = tree(interrupted)
+    with monkeypatch.context() as mp:
+        mp.setattr(run_mod, "build_everything", gone)
+        assert main([f"trainer.resume={interrupted}"]) == 2
+    assert "/data/moved does not exist" in capsys.readouterr().err
+    assert tree(interrupted) == before
+    assert status(interrupted)["state"] == "interrupted"
+    assert main([f"trainer.resume={interrupted}"]) == 0
+
+
 # ----------------------------------------------------------------------------- 2. no debris
 @pytest.mark.parametrize("bad", [
     ("dataset=image_folder", "dataset.root=/nonexistent/folder"),
@@ -225,6 +246,28 @@ def test_status_of_a_finished_run(finished):
     assert s["step"] == sum(-(-e["train"]["n"] // 128) for e in results(finished)["epochs"])
 
 
+def test_status_is_written_atomically(tmp_path, monkeypatch):
+    """status.json is replaced whole (temp file + rename): a write torn mid-way (the process killed
+    while writing) leaves the previous status readable, never a truncated file."""
+    from tlbench.record import read_status, write_status
+
+    write_status(tmp_path, "running", "epoch 1 of 2 saved", 1, 5)
+    real = Path.write_text
+
+    def torn(self, data, *a, **k):
+        real(self, data[: len(data) // 2], *a, **k)
+        raise KeyboardInterrupt  # killed mid-write
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Path, "write_text", torn)
+        with pytest.raises(KeyboardInterrupt):
+            write_status(tmp_path, "finished", "", 2, 10)
+    s = read_status(tmp_path)
+    assert s is not None and s["state"] == "running" and s["epoch"] == 1
+    write_status(tmp_path, "finished", "", 2, 10)
+    assert read_status(tmp_path)["state"] == "finished"
+
+
 # ----------------------------------------------------------------------------- 7. impossible output paths
 def test_run_dir_under_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
@@ -297,6 +340,27 @@ def test_finite_blow_up_is_recorded_as_diverged(cli, tmp_path, monkeypatch, caps
     code, rd = cli("trainer.max_epochs=3", "trainer.batch_size=128", "trainer.divergence_factor=null",
                    run_dir=tmp_path / "off")
     assert code == 0  # the check can be turned off
+
+
+def test_a_slow_blow_up_is_measured_against_epoch_1(cli, tmp_path, monkeypatch, capsys):
+    """The factor compares with epoch 1's loss, not the previous epoch's: losses 1, 30, 900 under
+    divergence_factor=100 never grow 100x in one epoch, but epoch 3's is 900x epoch 1's."""
+    import tlbench.engine as engine
+
+    orig, losses = engine.run_epoch, iter([1.0, 30.0, 900.0])
+
+    def creeping(model, loader, tasks, opts, optimizer=None, *a, **k):
+        r = orig(model, loader, tasks, opts, optimizer, *a, **k)
+        if optimizer is not None:
+            r.loss = next(losses)
+        return r
+
+    monkeypatch.setattr(engine, "run_epoch", creeping)
+    code, rd = cli("trainer.max_epochs=3", "trainer.batch_size=128", "trainer.divergence_factor=100",
+                   run_dir=tmp_path / "creep")
+    assert code == 2
+    assert "training loss of epoch 3" in capsys.readouterr().err
+    assert status(rd)["state"] == "diverged"
 
 
 # ----------------------------------------------------------------------------- 12. no code from overrides
