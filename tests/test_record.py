@@ -529,3 +529,17 @@ def test_results_json_is_written_durably_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_json(path, {"test": 3})
     assert json.loads(path.read_text()) == {"test": 2} and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_resume_whose_every_checkpoint_copy_is_damaged_changes_nothing(interrupted, capsys):
+    """last.pt and last.prev.pt both damaged: the resume is refused while the run is built, before
+    it starts (exit 2, naming the file), so the run directory is byte-for-byte unchanged and
+    status.json still says 'interrupted' (it became 'failed' at epoch 0, with new log lines)."""
+    for name in ("last.pt", "last.prev.pt"):
+        p = interrupted / "checkpoints" / name
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    before = tree(interrupted)
+    assert main([f"trainer.resume={interrupted}"]) == 2
+    err = capsys.readouterr().err
+    assert str(interrupted / "checkpoints" / "last.pt") in err and "Traceback" not in err
+    assert tree(interrupted) == before and status(interrupted)["state"] == "interrupted"

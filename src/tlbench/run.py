@@ -120,7 +120,10 @@ def _gradual_hook(cfg: Config):
     return before_epoch
 
 
-def _resume(cfg: Config, run_dir: Path, state: TrainState) -> None:
+def _load_resume_point(cfg: Config, run_dir: Path) -> dict:
+    """``last.pt`` of the run being resumed (or ``last.prev.pt`` when it is damaged), read while the
+    run is built, before it starts: every copy damaged, or another config, is refused with the run
+    directory unchanged (``status.json`` still says ``interrupted``)."""
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     if ckpt.get("config_hash") != config_hash(cfg):
         diff = config_diff(ckpt.get("config") or {}, to_dict(cfg))
@@ -128,6 +131,10 @@ def _resume(cfg: Config, run_dir: Path, state: TrainState) -> None:
             f"cannot resume {run_dir}: its checkpoint was made with a different config "
             f"(differs in: {', '.join(diff) or 'its config hash'}); resume with the same overrides as the original run"
         )
+    return ckpt
+
+
+def _resume(cfg: Config, run_dir: Path, state: TrainState, ckpt: dict) -> None:
     hook = _gradual_hook(cfg)
     if hook:  # the optimizer groups as they were when the checkpoint was written
         hook(state, max(0, ckpt["epoch"] - 1))
@@ -193,6 +200,8 @@ def _follow(cfg: Config, run_dir: Path, stop_after: Optional[int], sweeping: boo
         raise TlbenchError(f"rank 0 stopped the run: {arg}")
     ctx = _setup(cfg, run_dir, stop_after)
     ctx.resuming, ctx.sweeping = arg, sweeping
+    if ctx.resuming and ctx.resume_point is None:
+        ctx.resume_point = _load_resume_point(cfg, run_dir)
     _train(cfg, run_dir, ctx)
     return None
 
@@ -217,6 +226,7 @@ class _Ctx:
     speed: Optional[speeds.Speed] = None  # the CUDA switches in force (speed.py)
     sync_bn: bool = False  # DDP: BatchNorm layers converted to SyncBatchNorm (dist.sync_batchnorm)
     signals: Optional[RunSignals] = None  # rank 0's signal handling while the run is started
+    resume_point: Optional[dict] = None  # last.pt of a resumed run, read while building (_load_resume_point)
 
 
 def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
@@ -238,7 +248,8 @@ def _setup(cfg: Config, run_dir: Path, stop_after: Optional[int]) -> _Ctx:
     speeds.apply(speed, model)
     state = _new_state(cfg, model, plan, speed)
     resuming = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").is_file()
-    ctx = _Ctx(bundle, state, device, resuming, stop_after, t0, speed=speed, sync_bn=sync_bn)
+    ctx = _Ctx(bundle, state, device, resuming, stop_after, t0, speed=speed, sync_bn=sync_bn,
+               resume_point=_load_resume_point(cfg, run_dir) if resuming else None)
     log.debug("config (hash %s): %s", config_hash(cfg), to_dict(cfg))
     log.debug("class counts per split: %s; %d torch threads", bundle.class_counts, torch.get_num_threads())
     ctx.decision = decide(cfg, model, plan)  # trainer.cache_features=true that cannot apply: refused here
@@ -288,7 +299,7 @@ def _train(cfg: Config, run_dir: Path, ctx: _Ctx) -> Optional[dict]:
     ctx.tracker = open_tracker(cfg, run_dir, ctx.sweeping) if main else Tracker(run_dir, enabled=False)
     hooks = _hooks(cfg, run_dir, ctx.tracker, ctx.stop_after, bundle.tasks)
     if ctx.resuming:
-        _resume(cfg, run_dir, state)
+        _resume(cfg, run_dir, state, ctx.resume_point)
     elif main:
         hooks.save(state, "last.pt")  # an interrupted first epoch still leaves a resumable start
         _log_batch_grid(bundle, ctx.tracker)
