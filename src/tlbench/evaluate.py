@@ -123,8 +123,6 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     evaluation logged, those before the folder existed included). The folder is written whole into a
     hidden temp folder beside it and then put in place of ``eval_<name>/`` in one step: a kill, a full
     disk or a second evaluation at any moment leaves the previous evaluation or this one, never a mix."""
-    import dataclasses
-
     if split not in ("train", "val", "test", "all"):
         raise TlbenchError(f"split={split!r} is not valid; choose one of 'train', 'val', 'test', 'all'")
     run_dir = Path(run_dir)
@@ -132,32 +130,10 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
     early = EarlyLog().__enter__()  # held until eval.log exists; a refused evaluation writes no log
     work = None  # the temp folder this evaluation is written into
     try:
-        best = run_dir / "checkpoints" / "best.pt"
         log.info("tlbench eval %s: split=%s%s into %s", run_dir, split,
                  "".join(f" dataset.{k}={v}" for k, v in dataset_updates.items()), out)
-        ckpt = load_checkpoint(best)
-        log.info("checkpoint %s: epoch %s, config_hash %s", best, ckpt.get("epoch"), ckpt.get("config_hash"))
-        saved = ckpt["config"]
-        merged = {**saved, "dataset": {**saved["dataset"], **dataset_updates}}
-        # the updated dataset first: its key/type errors name dataset.KEY, and a key its dataset does
-        # not read says so in terms of the run (a run recorded with a stray key: KEY=null clears it)
-        ds = from_dict(DatasetConfig, merged["dataset"], "dataset")
-        check_dataset_keys(ds, run_dir=run_dir)
-        cfg = to_config(merged)
-        # the checkpoint holds every weight: do not look for pretrained files again
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None,
-                                                                 init_from=None))
-        log.info("data: %s%s", ds.name, f" at {ds.root}" if ds.root else "")
-
-        seed_everything(cfg.seed, cfg.trainer.deterministic)
-        bundle, model, plan = build_everything(cfg)
-        if ckpt.get("tasks") and bundle.tasks != ckpt["tasks"]:
-            raise TlbenchError(
-                f"the evaluation data has other classes than the run was trained on: {bundle.tasks} "
-                f"vs {ckpt['tasks']}; point dataset.root at data with the same class folders"
-            )
-        model.load_state_dict(ckpt["model"])
-        device = select_device(cfg.trainer.device)
+        ckpt, ds, cfg = _eval_config(run_dir, dataset_updates)
+        bundle, model, plan, device = _eval_build(cfg, ckpt)
         # only now, with the data and model built, is anything written into the run directory
         out = eval_dir(run_dir, split, name)  # again: the folder may have changed while the data was read
         _remove_dead_partials(run_dir, out.name)
@@ -169,30 +145,8 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
         model.to(device)
         log.info("model: %s parameters (%s trained by the run); device %s", f"{plan.total:,}",
                  f"{plan.trainable_count:,}", device)
-
-        opts = LoopOptions(device=device, progress=progress_enabled(cfg),
-                           objective=objective(cfg, model.backbone.input_spec))
-        if split == "all":  # every item of the source, e.g. a held-out folder
-
-            bundle.test = SplitDataset(bundle.source, range(len(bundle.source)), list(bundle.tasks),
-                                       bundle.eval_transform)
-            bundle.splits = {"test": list(range(len(bundle.source)))}
-        elif split != "test":
-            bundle.test = getattr(bundle, split)
-        log.info("evaluating %s: %d items (dataset_fingerprint %s)", split, len(bundle.test), bundle.fingerprint)
-        loader = make_loaders(bundle, cfg, device)["test"]
-        metrics = report_split(work, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
-                               ecfg=cfg.eval, shown=split, model=model, objective=opts.objective)
-        write_json(work / "results.json", {
-            "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
-            "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],
-            "params": {"total": plan.total, "trainable": plan.trainable_count}, split: metrics,
-        })
-        write_json(work / "splits.json", bundle.splits)
-        n = next(iter(metrics.values()), {}).get("n")
-        log.info("%s metrics (%s items):", split, n)
-        for task, m in metrics.items():
-            log.info("%s", _metric_line(task, m))
+        _select_split(bundle, split)
+        _evaluate_into(work, run_dir, split, ds, cfg, ckpt, bundle, model, plan, device)
         log.info("written to %s: %s", out, ", ".join(sorted(
             str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())))
         close_log(work, "eval.log")
@@ -204,6 +158,69 @@ def evaluate_run(run_dir: Path, split: str, dataset_updates: dict, name: Optiona
             close_log(work, "eval.log")
             shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _eval_config(run_dir: Path, dataset_updates: dict):
+    """The run's best checkpoint and its config with the dataset updates: (ckpt, dataset, Config)."""
+    import dataclasses
+
+    best = run_dir / "checkpoints" / "best.pt"
+    ckpt = load_checkpoint(best)
+    log.info("checkpoint %s: epoch %s, config_hash %s", best, ckpt.get("epoch"), ckpt.get("config_hash"))
+    saved = ckpt["config"]
+    merged = {**saved, "dataset": {**saved["dataset"], **dataset_updates}}
+    # the updated dataset first: its key/type errors name dataset.KEY, and a key its dataset does
+    # not read says so in terms of the run (a run recorded with a stray key: KEY=null clears it)
+    ds = from_dict(DatasetConfig, merged["dataset"], "dataset")
+    check_dataset_keys(ds, run_dir=run_dir)
+    cfg = to_config(merged)
+    # the checkpoint holds every weight: do not look for pretrained files again
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None,
+                                                             init_from=None))
+    log.info("data: %s%s", ds.name, f" at {ds.root}" if ds.root else "")
+    return ckpt, ds, cfg
+
+
+def _eval_build(cfg, ckpt: dict):
+    """Data and model of the evaluation, the checkpoint's weights loaded: (bundle, model, plan, device)."""
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    bundle, model, plan = build_everything(cfg)
+    if ckpt.get("tasks") and bundle.tasks != ckpt["tasks"]:
+        raise TlbenchError(
+            f"the evaluation data has other classes than the run was trained on: {bundle.tasks} "
+            f"vs {ckpt['tasks']}; point dataset.root at data with the same class folders"
+        )
+    model.load_state_dict(ckpt["model"])
+    return bundle, model, plan, select_device(cfg.trainer.device)
+
+
+def _select_split(bundle, split: str) -> None:
+    """``bundle.test`` becomes the split to evaluate (``all``: every item of the source, e.g. a held-out folder)."""
+    if split == "all":
+        bundle.test = SplitDataset(bundle.source, range(len(bundle.source)), list(bundle.tasks), bundle.eval_transform)
+        bundle.splits = {"test": list(range(len(bundle.source)))}
+    elif split != "test":
+        bundle.test = getattr(bundle, split)
+    log.info("evaluating %s: %d items (dataset_fingerprint %s)", split, len(bundle.test), bundle.fingerprint)
+
+
+def _evaluate_into(work: Path, run_dir: Path, split: str, ds, cfg, ckpt: dict, bundle, model, plan, device) -> None:
+    """Predictions, reports, figures, results.json and splits.json of the evaluation, into ``work``."""
+    import dataclasses
+
+    opts = LoopOptions(device=device, progress=progress_enabled(cfg), objective=objective(cfg, model.backbone.input_spec))
+    loader = make_loaders(bundle, cfg, device)["test"]
+    metrics = report_split(work, "test", evaluate_split(model, loader, list(bundle.tasks), opts), bundle, None,
+                           ecfg=cfg.eval, shown=split, model=model, objective=opts.objective)
+    write_json(work / "results.json", {
+        "run_dir": str(run_dir), "split": split, "dataset": dataclasses.asdict(ds),
+        "dataset_fingerprint": bundle.fingerprint, "checkpoint_epoch": ckpt["epoch"],
+        "params": {"total": plan.total, "trainable": plan.trainable_count}, split: metrics,
+    })
+    write_json(work / "splits.json", bundle.splits)
+    log.info("%s metrics (%s items):", split, next(iter(metrics.values()), {}).get("n"))
+    for task, m in metrics.items():
+        log.info("%s", _metric_line(task, m))
 
 
 # ----------------------------------------------------------------------------- console summaries
