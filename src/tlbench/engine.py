@@ -256,11 +256,11 @@ def _step(loss, model, optimizer, scaler, grad_clip) -> None:
         optimizer.step()
 
 
-class SignalGuard:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between batches."""
+class _Handlers:
+    """SIGINT/SIGTERM go to ``self._handle`` inside the ``with`` block; the previous handlers come
+    back after it (outside the main thread nothing is installed)."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
         self._old = {}
 
     def __enter__(self):
@@ -272,6 +272,22 @@ class SignalGuard:
         return self
 
     def _handle(self, signum, frame):
+        raise NotImplementedError
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+class SignalGuard(_Handlers):
+    """Turn SIGINT/SIGTERM into a flag the loop checks between batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.signum: Optional[int] = None
+
+    def _handle(self, signum, frame):
         if self.signum is not None:  # second signal: give up at once
             sys.exit(128 + signum)
         self.signum = signum
@@ -280,13 +296,8 @@ class SignalGuard:
     def __call__(self) -> Optional[int]:
         return self.signum
 
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        return False
 
-
-class RunSignals:
+class RunSignals(_Handlers):
     """SIGINT/SIGTERM for the whole of a started run. Outside the epochs (the frozen-prefix pass,
     the final evaluation) a signal stops the run at once: ``Interrupted`` is raised where the
     process is, since nothing there needs a step boundary (``last.pt`` is the resume point, and
@@ -297,17 +308,9 @@ class RunSignals:
     a signal is only noted: the run completes and says so."""
 
     def __init__(self):
+        super().__init__()
         self.received: Optional[int] = None
         self._finishing = False
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-        return self
 
     def _handle(self, signum, frame):
         if self._finishing:
@@ -321,11 +324,6 @@ class RunSignals:
 
     def finishing(self) -> None:
         self._finishing = True
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        return False
 
 
 @dataclass
