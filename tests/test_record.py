@@ -251,6 +251,10 @@ def test_status_is_written_atomically(tmp_path, monkeypatch):
     while writing) leaves the previous status readable, never a truncated file."""
     from tlbench.record import read_status, write_status
 
+    import builtins
+
+    import tlbench.record as record
+
     write_status(tmp_path, "running", "epoch 1 of 2 saved", 1, 5)
     real = Path.write_text
 
@@ -258,8 +262,32 @@ def test_status_is_written_atomically(tmp_path, monkeypatch):
         real(self, data[: len(data) // 2], *a, **k)
         raise KeyboardInterrupt  # killed mid-write
 
+    class TornFile:  # open(..., "w") whose write stops half-way (however record.py writes the file)
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise KeyboardInterrupt
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            return False
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def torn_open(file, mode="r", *a, **k):
+        f = builtins.open(file, mode, *a, **k)
+        return TornFile(f) if "w" in mode else f
+
     with monkeypatch.context() as mp:
         mp.setattr(Path, "write_text", torn)
+        mp.setattr(record, "open", torn_open, raising=False)
         with pytest.raises(KeyboardInterrupt):
             write_status(tmp_path, "finished", "", 2, 10)
     s = read_status(tmp_path)
