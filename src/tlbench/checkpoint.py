@@ -84,7 +84,7 @@ def _umask() -> int:
     return old
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (POSIX); a no-op where directories cannot be opened."""
     if os.name != "posix":
         return
@@ -163,7 +163,7 @@ def save_atomic(obj: dict, path: Path, keep_previous: bool = True) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------- loading

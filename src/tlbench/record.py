@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import locks
-from .checkpoint import load as load_checkpoint
+from .checkpoint import fsync_dir, load as load_checkpoint
 from .config import Config, config_hash, to_dict
 from .errors import TlbenchError
 from .validation import to_config
@@ -123,11 +123,7 @@ def publish_dir(work: Path, out: Path) -> None:
             os.rename(out, old)
             os.rename(work, out)
             shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
 
 
 # ----------------------------------------------------------------------------- before the start
